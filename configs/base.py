@@ -1,0 +1,112 @@
+"""Every config field with its default. Experiment configs call get_config() and override.
+
+The returned ConfigDict is locked: an unknown `--config.x` fails at parse time.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.mode = 'train'             # train | train_autoencoder | train_diffusion | sample | summary
+  config.seed = 0                   # all randomness: init, data order, per-step keys
+  config.dtype = 'float32'          # activation dtype: float32 | bfloat16 (parameters stay float32)
+  config.log_every_steps = 50       # progress lines and TensorBoard scalars
+  config.xla_cpu_fast_conv = True   # on CPU, route 3x3 convs away from YNNPACK's slow weight gradient
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1             # data-parallel axis size; -1 = all remaining devices
+  config.mesh.fsdp = 1              # parameter-sharding axis size
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'synthetic'  # synthetic | folder | tfds
+  config.data.path = ''             # folder source: a directory of images, searched recursively
+  config.data.label_column = 'label'  # folder source: labels.csv column for the class ('' = none)
+  config.data.tfds_name = 'lsun/church_outdoor'  # tfds source: dataset name
+  config.data.tfds_split = 'train'  # tfds source: split
+  config.data.tfds_data_dir = ''    # tfds source: data_dir ('' = TFDS default); nothing is downloaded
+  config.data.image_size = 64       # square side length fed to the autoencoder
+  config.data.crop = 'center'       # center | random: crop to a square before resizing
+  config.data.flip = True           # random horizontal flips
+  config.data.synthetic_size = 10000  # synthetic source: number of examples
+  config.data.synthetic_seed = 0    # synthetic source: which examples
+  config.data.num_classes = 0       # number of class labels (0 = unlabelled)
+  config.data.worker_count = 0      # grain worker processes (0 = in the main process)
+  config.data.shuffle_buffer = 0    # unused with random-access sources; kept for streaming sources
+
+  # Stage 1: AutoencoderKL (the paper's ddconfig + embed_dim).
+  config.autoencoder = ml_collections.ConfigDict()
+  config.autoencoder.ch = 128               # base width
+  config.autoencoder.ch_mult = (1, 2, 4, 4)  # width multiplier per resolution; f = 2**(len-1)
+  config.autoencoder.num_res_blocks = 2     # ResnetBlocks per resolution (decoder: +1)
+  config.autoencoder.attn_resolutions = ()  # pixel resolutions with self-attention (mid always has it)
+  config.autoencoder.z_channels = 4         # encoder output channels (x2 with double_z)
+  config.autoencoder.double_z = True        # encoder predicts mean and log-variance
+  config.autoencoder.embed_dim = 4          # latent channels after quant_conv
+  config.autoencoder.dropout = 0.0
+  config.autoencoder.in_channels = 3
+  config.autoencoder.out_ch = 3
+
+  config.autoencoder_loss = ml_collections.ConfigDict()
+  config.autoencoder_loss.pixel_loss = 'l1'  # l1 | l2 reconstruction loss, summed per image
+  config.autoencoder_loss.kl_weight = 1e-6   # weight of KL(q(z|x) || N(0, I))
+
+  config.autoencoder_train = ml_collections.ConfigDict()
+  config.autoencoder_train.batch_size = 12       # global batch size
+  config.autoencoder_train.num_steps = 100000    # total optimizer steps
+  config.autoencoder_train.learning_rate = 4.5e-6  # Adam learning rate
+  config.autoencoder_train.adam_b1 = 0.5
+  config.autoencoder_train.adam_b2 = 0.9
+  config.autoencoder_train.warmup_steps = 0      # linear warm-up from 0
+  config.autoencoder_train.checkpoint_every_steps = 5000
+  config.autoencoder_train.keep_checkpoints = 3  # how many recent checkpoints to keep
+  config.autoencoder_train.sample_every_steps = 5000  # write a reconstruction grid
+  config.autoencoder_train.num_sample_images = 8
+
+  # Stage 2: the diffusion U-Net (the paper's unet_config).
+  config.unet = ml_collections.ConfigDict()
+  config.unet.model_channels = 192
+  config.unet.channel_mult = (1, 2, 2, 4, 4)
+  config.unet.num_res_blocks = 2
+  config.unet.attention_resolutions = (1, 2, 4, 8)  # downsampling rates ds with attention
+  config.unet.num_heads = 8
+  config.unet.num_head_channels = -1        # fixed head width instead of num_heads (-1 = off)
+  config.unet.num_heads_upsample = -1       # heads in the output blocks (-1 = num_heads)
+  config.unet.use_scale_shift_norm = True   # time embedding as GroupNorm scale and shift
+  config.unet.resblock_updown = True        # resample inside ResBlocks instead of plain convs
+  config.unet.conv_resample = True          # plain resampling with a 3x3 conv
+  config.unet.dropout = 0.0
+
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.timesteps = 1000
+  config.diffusion.beta_schedule = 'linear'  # linear (in sqrt space) | cosine | sqrt_linear | sqrt
+  config.diffusion.linear_start = 0.0015
+  config.diffusion.linear_end = 0.0155
+  config.diffusion.cosine_s = 8e-3
+  config.diffusion.parameterization = 'eps'  # what the U-Net predicts
+  config.diffusion.loss_type = 'l1'          # l1 | l2
+  config.diffusion.scale_by_std = True       # scale_factor = 1/std of the first batch's latents
+  config.diffusion.scale_factor = 1.0        # used as is when scale_by_std is False
+
+  config.diffusion_train = ml_collections.ConfigDict()
+  config.diffusion_train.batch_size = 96
+  config.diffusion_train.num_steps = 500000
+  config.diffusion_train.learning_rate = 5e-5   # AdamW peak learning rate
+  config.diffusion_train.weight_decay = 0.01    # AdamW (torch default, as the paper's optimizer)
+  config.diffusion_train.warmup_steps = 10000   # linear warm-up from 1e-6 x learning_rate
+  config.diffusion_train.ema_decay = 0.9999     # with the paper's warm-up min(decay, (1+n)/(10+n))
+  config.diffusion_train.checkpoint_every_steps = 5000
+  config.diffusion_train.keep_checkpoints = 3
+  config.diffusion_train.sample_every_steps = 5000  # write a DDIM sample grid
+
+  config.sampling = ml_collections.ConfigDict()
+  config.sampling.num_samples = 16   # images per grid in sample mode
+  config.sampling.batch_size = 16    # images per compiled sampler call
+  config.sampling.num_steps = 50     # DDIM steps
+  config.sampling.eta = 0.0          # DDIM eta (0 = deterministic)
+  config.sampling.spacing = 'uniform'  # DDIM timestep spacing: uniform | quad
+  config.sampling.use_ema = True     # sample with the EMA weights of the U-Net
+  config.sampling.seed = 0           # sample-mode noise seed
+
+  config.lock()
+  return config

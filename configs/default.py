@@ -1,0 +1,48 @@
+"""The embedded default: both stages on the built-in synthetic shapes, sized for 2 CPU cores.
+
+The whole `train` mode (stage 1, then stage 2, then a DDIM sample grid) finishes in about
+15 minutes on 2 cores. Same architecture as the paper's models, at small width: a KL-f4
+autoencoder (64x64x3 -> 16x16x4) and an openaimodel U-Net with attention at 8x8 and 4x4.
+"""
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.data.source = 'synthetic'
+  config.data.image_size = 64
+  config.data.flip = True
+
+  config.autoencoder.ch = 32
+  config.autoencoder.ch_mult = (1, 2, 2)          # f = 4
+  config.autoencoder.num_res_blocks = 1
+  config.autoencoder.z_channels = 4
+  config.autoencoder.embed_dim = 4
+  config.autoencoder_loss.kl_weight = 1e-6
+  config.autoencoder_train.batch_size = 16
+  config.autoencoder_train.num_steps = 1500
+  config.autoencoder_train.learning_rate = 1e-3
+  config.autoencoder_train.warmup_steps = 100
+  config.autoencoder_train.checkpoint_every_steps = 500
+  config.autoencoder_train.sample_every_steps = 500
+
+  config.unet.model_channels = 64
+  config.unet.channel_mult = (1, 2, 2)
+  config.unet.num_res_blocks = 2
+  config.unet.attention_resolutions = (2, 4)      # 8x8 and 4x4 latents
+  config.unet.num_heads = 4
+
+  config.diffusion.loss_type = 'l2'
+  config.diffusion_train.batch_size = 32
+  config.diffusion_train.num_steps = 3000
+  config.diffusion_train.learning_rate = 5e-4
+  config.diffusion_train.warmup_steps = 200
+  config.diffusion_train.ema_decay = 0.999
+  config.diffusion_train.checkpoint_every_steps = 500
+  config.diffusion_train.sample_every_steps = 1500
+
+  config.sampling.num_samples = 16
+  config.sampling.batch_size = 16
+  config.sampling.num_steps = 50
+  return config

@@ -1,0 +1,17 @@
+"""User-facing errors: each carries one line that names what is wrong."""
+
+
+class LatentDiffusionError(Exception):
+  """Base class; main.py prints the message as one line and exits 2."""
+
+
+class ConfigError(LatentDiffusionError):
+  """A config field has a bad value or does not exist."""
+
+
+class DataError(LatentDiffusionError):
+  """A data path is missing, holds no images, or a source cannot be read."""
+
+
+class CheckpointError(LatentDiffusionError):
+  """A checkpoint does not match the config or cannot be restored."""

@@ -1,0 +1,126 @@
+"""Building blocks of the paper's autoencoder (ldm/modules/diffusionmodules/model.py).
+
+All arrays are NHWC. Parameters are float32; computation runs in `dtype`. Normalisation
+always runs in float32 (the paper's GroupNorm32 does the same), then casts back.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# PyTorch's default init for conv/linear weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def conv(features: int, kernel: int = 3, stride: int = 1, padding: Any = None,
+         dtype: Dtype = jnp.float32, zero_init: bool = False, name: str | None = None) -> nn.Conv:
+  """A square conv with the paper's 'same' padding (kernel // 2) unless given."""
+  if padding is None:
+    padding = ((kernel // 2, kernel // 2),) * 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                 dtype=dtype, param_dtype=jnp.float32,
+                 kernel_init=nn.initializers.zeros if zero_init else torch_default_init,
+                 name=name)
+
+
+def dense(features: int, dtype: Dtype = jnp.float32, zero_init: bool = False,
+          name: str | None = None) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.zeros if zero_init else torch_default_init,
+                  name=name)
+
+
+def group_norm(x: jax.Array, name: str, epsilon: float = 1e-6, num_groups: int = 32) -> jax.Array:
+  """GroupNorm(32) computed in float32, cast back to x's dtype. Call inside a compact method."""
+  y = nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32,
+                   param_dtype=jnp.float32, name=name)(x.astype(jnp.float32))
+  return y.astype(x.dtype)
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding, [cos, sin] order as in the paper's code. (B,) -> (B, dim)."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = timesteps.astype(jnp.float32)[:, None] * freqs[None]
+  embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    embedding = jnp.concatenate([embedding, jnp.zeros_like(embedding[:, :1])], axis=-1)
+  return embedding
+
+
+class ResnetBlock(nn.Module):
+  """norm-swish-conv twice, with an optional timestep projection and a 1x1 (or 3x3) shortcut."""
+  out_channels: int
+  dropout: float = 0.0
+  use_conv_shortcut: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb=None, deterministic: bool = True):
+    in_channels = x.shape[-1]
+    h = nn.swish(group_norm(x, 'norm1'))
+    h = conv(self.out_channels, dtype=self.dtype, name='conv1')(h)
+    if temb is not None:
+      h = h + dense(self.out_channels, self.dtype, name='temb_proj')(nn.swish(temb))[:, None, None]
+    h = nn.swish(group_norm(h, 'norm2'))
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = conv(self.out_channels, dtype=self.dtype, name='conv2')(h)
+    if in_channels != self.out_channels:
+      if self.use_conv_shortcut:
+        x = conv(self.out_channels, dtype=self.dtype, name='conv_shortcut')(x)
+      else:
+        x = conv(self.out_channels, 1, dtype=self.dtype, name='nin_shortcut')(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head spatial self-attention over all H*W positions (the paper's 'vanilla')."""
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, height, width, c = x.shape
+    h = group_norm(x, 'norm').reshape(b, height * width, c)
+    q = dense(c, self.dtype, name='q')(h)
+    k = dense(c, self.dtype, name='k')(h)
+    v = dense(c, self.dtype, name='v')(h)
+    weights = jnp.einsum('bqc,bkc->bqk', q, k) * (c ** -0.5)
+    weights = jax.nn.softmax(weights.astype(jnp.float32), axis=-1).astype(v.dtype)
+    h = jnp.einsum('bqk,bkc->bqc', weights, v)
+    h = dense(c, self.dtype, name='proj_out')(h)
+    return x + h.reshape(b, height, width, c)
+
+
+class Downsample(nn.Module):
+  """Halves H and W: pad (0,1) bottom/right then 3x3 stride-2 conv, or 2x2 average pooling."""
+  with_conv: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.with_conv:
+      return conv(x.shape[-1], 3, 2, padding=((0, 1), (0, 1)), dtype=self.dtype, name='conv')(x)
+    return nn.avg_pool(x, (2, 2), (2, 2))
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 in H and W. (B,H,W,C) -> (B,2H,2W,C)."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class Upsample(nn.Module):
+  """Doubles H and W by nearest-neighbour, then an optional 3x3 conv."""
+  with_conv: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = upsample_nearest(x)
+    if self.with_conv:
+      x = conv(x.shape[-1], dtype=self.dtype, name='conv')(x)
+    return x

@@ -1,0 +1,47 @@
+"""Summary mode: build every network with jax.eval_shape, print a table, write summary.json."""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from latent_diffusion.train import autoencoder as stage1
+from latent_diffusion.train import diffusion
+
+
+def count_parameters(params) -> int:
+  return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
+
+
+def network_parameters(config) -> dict[str, dict]:
+  """{name: {'parameters': int, 'input': shape, 'parts': {child: int}}} without allocating weights."""
+  autoencoder, unet = stage1.build_autoencoder(config), diffusion.build_unet(config)
+  size = config.data.image_size
+  image = jax.ShapeDtypeStruct((1, size, size, config.autoencoder.in_channels), jnp.float32)
+  latent = jax.ShapeDtypeStruct((1,) + diffusion.latent_shape(config), jnp.float32)
+  timesteps = jax.ShapeDtypeStruct((1,), jnp.int32)
+  rng = jax.random.PRNGKey(0)
+  shapes = {
+      'autoencoder': (jax.eval_shape(autoencoder.init, rng, image)['params'], image.shape),
+      'unet': (jax.eval_shape(unet.init, rng, latent, timesteps)['params'], latent.shape),
+  }
+  return {name: {'parameters': count_parameters(params), 'input': list(input_shape),
+                 'parts': {child: count_parameters(sub) for child, sub in params.items()}}
+          for name, (params, input_shape) in shapes.items()}
+
+
+def summarize(config, workdir) -> dict[str, int]:
+  networks = network_parameters(config)
+  lines = [f'{"network":<14}{"input (NHWC)":<22}{"parameters":>16}']
+  for name, info in networks.items():
+    lines.append(f'{name:<14}{str(tuple(info["input"])):<22}{info["parameters"]:>16,}')
+  print('\n'.join(lines))
+  counts = {name: info['parameters'] for name, info in networks.items()}
+  if jax.process_index() == 0:
+    path = Path(workdir).absolute() / 'summary.json'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(counts, indent=2) + '\n')
+    print(f'wrote {path}')
+  return counts

@@ -1,0 +1,48 @@
+"""Small helpers both stages use to set up a run: dtype, data, mesh, workdir paths."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from latent_diffusion.data import pipeline
+from latent_diffusion.errors import ConfigError
+from latent_diffusion.train import sharding
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def activation_dtype(config):
+  if config.dtype not in DTYPES:
+    raise ConfigError(f'dtype: {config.dtype!r} is not one of {sorted(DTYPES)}')
+  return DTYPES[config.dtype]
+
+
+def stage_dir(workdir, stage: str) -> Path:
+  return Path(workdir).absolute() / stage
+
+
+def make_batches(config, global_batch_size: int, mesh, seed_offset: int = 0):
+  """(iterator, generator of global device batches) for the config's data source."""
+  if global_batch_size % jax.process_count():
+    raise ConfigError(f'batch_size {global_batch_size} is not divisible by the '
+                      f'{jax.process_count()} processes')
+  iterator = pipeline.make_iterator(config.data, batch_size=global_batch_size // jax.process_count(),
+                                    seed=config.seed + seed_offset)
+
+  def batches():
+    for local_batch in iterator:
+      yield sharding.global_batch(local_batch, mesh)
+
+  return iterator, batches()
+
+
+def preview_images(config, count: int):
+  """The first `count` images of the data in a fixed order, unflipped: for reconstruction grids."""
+  data_config = config.data.copy_and_resolve_references()
+  with data_config.unlocked():
+    data_config.flip = False
+    data_config.worker_count = 0
+  iterator = pipeline.make_iterator(data_config, batch_size=count, seed=config.seed, shuffle=False,
+                                    process_index=0, process_count=1)
+  return next(iterator)['image']

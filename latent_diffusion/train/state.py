@@ -1,0 +1,51 @@
+"""The train state pytree shared by both stages."""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; all leaves are arrays so orbax saves it whole.
+
+  `rng` is a raw uint32 key; per-step randomness is `fold_in(rng, step)`. `ema_params` is None
+  for a stage that keeps no EMA. `extras` holds stage-specific arrays (e.g. `scale_factor`).
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any
+  rng: jax.Array
+  extras: dict
+
+  @classmethod
+  def create(cls, params, tx: optax.GradientTransformation, rng, ema: bool = False,
+             extras: dict | None = None) -> 'TrainState':
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+               ema_params=jax.tree.map(jnp.copy, params) if ema else None, rng=rng,
+               extras=dict(extras or {}))
+
+  def step_rng(self) -> jax.Array:
+    """The key of this step: fold_in(rng, step)."""
+    return jax.random.fold_in(self.rng, self.step)
+
+  def apply_gradients(self, grads, tx: optax.GradientTransformation) -> 'TrainState':
+    """One optimizer update; the optimizer is passed in, so the state holds only arrays."""
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                        opt_state=opt_state)
+
+
+def ema_decay(base_decay: float, num_updates: jax.Array) -> jax.Array:
+  """The paper's LitEma warm-up: min(decay, (1 + n) / (10 + n)) after n updates."""
+  n = num_updates.astype(jnp.float32)
+  return jnp.minimum(base_decay, (1.0 + n) / (10.0 + n))
+
+
+def update_ema(ema_params, params, decay: jax.Array):
+  """ema <- ema - (1 - decay) * (ema - params)."""
+  return jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema_params, params)
