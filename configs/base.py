@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.autoencoder.z_channels = 4         # encoder output channels (x2 with double_z)
   config.autoencoder.double_z = True        # encoder predicts mean and log-variance
   config.autoencoder.embed_dim = 4          # latent channels after quant_conv
+  config.autoencoder.norm_num_groups = 32   # GroupNorm groups (the paper: 32)
   config.autoencoder.dropout = 0.0
   config.autoencoder.in_channels = 3
   config.autoencoder.out_ch = 3

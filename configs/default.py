@@ -15,32 +15,33 @@ def get_config():
   config.data.flip = True
 
   config.autoencoder.ch = 32
-  config.autoencoder.ch_mult = (1, 2, 2)          # f = 4
+  config.autoencoder.ch_mult = (1, 1, 2)          # f = 4
   config.autoencoder.num_res_blocks = 1
   config.autoencoder.z_channels = 4
   config.autoencoder.embed_dim = 4
   config.autoencoder_loss.kl_weight = 1e-6
-  config.autoencoder_train.batch_size = 16
-  config.autoencoder_train.num_steps = 1500
+  config.autoencoder_loss.pixel_loss = 'l2'       # converges faster than l1 on colours in few steps
+  config.autoencoder_train.batch_size = 8
+  config.autoencoder_train.num_steps = 500
   config.autoencoder_train.learning_rate = 1e-3
-  config.autoencoder_train.warmup_steps = 100
-  config.autoencoder_train.checkpoint_every_steps = 500
-  config.autoencoder_train.sample_every_steps = 500
+  config.autoencoder_train.warmup_steps = 50
+  config.autoencoder_train.checkpoint_every_steps = 250
+  config.autoencoder_train.sample_every_steps = 250
 
-  config.unet.model_channels = 64
-  config.unet.channel_mult = (1, 2, 2)
+  config.unet.model_channels = 32
+  config.unet.channel_mult = (1, 2, 4)
   config.unet.num_res_blocks = 2
   config.unet.attention_resolutions = (2, 4)      # 8x8 and 4x4 latents
   config.unet.num_heads = 4
 
   config.diffusion.loss_type = 'l2'
-  config.diffusion_train.batch_size = 32
-  config.diffusion_train.num_steps = 3000
-  config.diffusion_train.learning_rate = 5e-4
-  config.diffusion_train.warmup_steps = 200
-  config.diffusion_train.ema_decay = 0.999
-  config.diffusion_train.checkpoint_every_steps = 500
-  config.diffusion_train.sample_every_steps = 1500
+  config.diffusion_train.batch_size = 16
+  config.diffusion_train.num_steps = 900
+  config.diffusion_train.learning_rate = 1e-3
+  config.diffusion_train.warmup_steps = 100
+  config.diffusion_train.ema_decay = 0.995
+  config.diffusion_train.checkpoint_every_steps = 300
+  config.diffusion_train.sample_every_steps = 900
 
   config.sampling.num_samples = 16
   config.sampling.batch_size = 16

@@ -5,6 +5,7 @@
 
 import logging as py_logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -38,8 +39,9 @@ def check_config(config) -> None:
   for section in ('autoencoder', 'unet'):
     widths = ([config.autoencoder.ch * m for m in config.autoencoder.ch_mult] if section == 'autoencoder'
               else [config.unet.model_channels * m for m in config.unet.channel_mult])
-    if any(w % 32 for w in widths):
-      raise ConfigError(f'{section}: every width ({widths}) must be a multiple of 32 for GroupNorm(32)')
+    groups = config.autoencoder.norm_num_groups if section == 'autoencoder' else 32
+    if any(w % groups for w in widths):
+      raise ConfigError(f'{section}: every width ({widths}) must be a multiple of {groups} for GroupNorm')
   f = 2 ** (len(config.autoencoder.ch_mult) - 1)
   latent = config.data.image_size // f
   levels = 2 ** (len(config.unet.channel_mult) - 1)
@@ -79,34 +81,54 @@ def run(config, workdir: str) -> None:
     sample.sample(config, workdir)
     return
   loop.write_config(Path(workdir).absolute(), config)
-  if config.mode in ('train', 'train_autoencoder'):
-    if config.mode == 'train' and autoencoder.is_complete(config, workdir):
-      logging.info('autoencoder: checkpoint at step %d is complete; skipping stage 1',
-                   config.autoencoder_train.num_steps)
-    else:
-      autoencoder.train(config, workdir)
-  if config.mode in ('train', 'train_diffusion'):
-    if config.mode == 'train' and diffusion.is_complete(config, workdir):
-      logging.info('diffusion: checkpoint at step %d is complete; skipping stage 2',
-                   config.diffusion_train.num_steps)
-    else:
-      diffusion.train(config, workdir)
+  for stage, stage_mode in ((autoencoder, 'train_autoencoder'), (diffusion, 'train_diffusion')):
+    if config.mode not in ('train', stage_mode):
+      continue
+    if config.mode == 'train' and stage.is_complete(config, workdir):
+      logging.info('%s: checkpoint is complete; skipping this stage', stage.STAGE)
+      continue
+    stage.train(config, workdir)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with config mistakes reported as one line (exit 2) instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError) as e:  # config_flags: an override names no existing field
+    name = re.match(r'\W*(\w+)', str(e.args[0] if e.args else e)).group(1)
+    overrides = [a.split('=')[0] for a in argv[1:] if a.startswith('--config.')]
+    culprit = next((o for o in overrides if name in o.split('.')), None)
+    message = f'config: {culprit or name}: no such field (see configs/base.py for every field)'
+  except (OSError, SyntaxError, TypeError, ValueError) as e:
+    message = f'config: {" ".join(str(e).split())}'
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if FLAGS.config is None:
-    sys.exit('error: --config is required, e.g. --config=configs/default.py')
+  try:
+    config = FLAGS.config
+    _ = config is not None and config.mode
+  except OSError as e:  # config_flags defers a failed load of the file to first access
+    print(f'error: --config: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
+  if config is None:
+    print('error: --config is required, e.g. --config=configs/default.py', file=sys.stderr)
+    sys.exit(2)
   if not FLAGS.workdir:
-    sys.exit('error: --workdir is required')
+    print('error: --workdir is required', file=sys.stderr)
+    sys.exit(2)
   configure_logging()
   try:
-    run(FLAGS.config, FLAGS.workdir)
+    run(config, FLAGS.workdir)
   except LatentDiffusionError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

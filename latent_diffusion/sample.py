@@ -1,6 +1,5 @@
 """Sample mode: restore both stages, draw latents with DDIM, decode once, write a grid."""
 
-import functools
 
 import jax
 import numpy as np
@@ -18,7 +17,7 @@ def sample(config, workdir):
   mesh = sharding.make_mesh(config.mesh)
   autoencoder, ae_params = stage1.load_params(config, workdir, mesh)
   unet = diffusion.build_unet(config)
-  checkpoints = diffusion.checkpoints_for(config, workdir)
+  checkpoints = common.stage_checkpoints(workdir, diffusion.STAGE)
   step = checkpoints.latest_step()
   if step is None:
     raise CheckpointError(f'no diffusion checkpoint in {checkpoints.directory}; '

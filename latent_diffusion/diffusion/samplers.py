@@ -37,13 +37,17 @@ def ddim_coefficients(schedule: Schedule, timesteps: np.ndarray, eta: float):
 
 def ddim_sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, schedule: Schedule,
                 num_steps: int, eta: float = 0.0, spacing: str = 'uniform') -> jax.Array:
-  """DDIM (Song et al. 2021) from noise x_T (B,...) to x_0 in `num_steps` model calls."""
+  """DDIM (Song et al. 2021) from noise x_T (B,...) to x_0.
+
+  Makes len(ddim_timesteps(T, num_steps)) model calls: num_steps when it divides T, else a few
+  more (the paper's uniform spacing takes every T // num_steps-th step).
+  """
   timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
   alphas, alphas_prev, sigmas = ddim_coefficients(schedule, timesteps, eta)
   # Iterate from the noisiest step to the cleanest.
   per_step = tuple(jnp.asarray(a[::-1], dtype) for a, dtype in (
       (timesteps, jnp.int32), (alphas, jnp.float32), (alphas_prev, jnp.float32), (sigmas, jnp.float32)))
-  step_keys = jax.random.split(rng, num_steps)
+  step_keys = jax.random.split(rng, len(timesteps))  # len may exceed num_steps, as in the paper
 
   def step(x, inputs):
     t, alpha, alpha_prev, sigma, key = inputs

@@ -4,6 +4,7 @@ Parameter names mirror the paper's state dict with '.' turned into '_':
 `down.1.block.0.conv1` is `down_1_block_0/conv1`, `mid.attn_1` is `mid_attn_1`.
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -28,6 +29,7 @@ class Encoder(nn.Module):
   double_z: bool = True
   dropout: float = 0.0
   resamp_with_conv: bool = True
+  norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -36,15 +38,15 @@ class Encoder(nn.Module):
     current_resolution = self.resolution
     for level, mult in enumerate(self.ch_mult):
       for block in range(self.num_res_blocks):
-        h = ResnetBlock(self.ch * mult, self.dropout, dtype=self.dtype,
+        h = ResnetBlock(self.ch * mult, self.dropout, norm_num_groups=self.norm_num_groups, dtype=self.dtype,
                         name=f'down_{level}_block_{block}')(h, deterministic=deterministic)
         if current_resolution in self.attn_resolutions:
-          h = AttnBlock(self.dtype, name=f'down_{level}_attn_{block}')(h)
+          h = AttnBlock(self.norm_num_groups, self.dtype, name=f'down_{level}_attn_{block}')(h)
       if level != len(self.ch_mult) - 1:
         h = Downsample(self.resamp_with_conv, self.dtype, name=f'down_{level}_downsample')(h)
         current_resolution //= 2
-    h = _mid_block(h, self.dropout, self.dtype, deterministic)
-    h = nn.swish(group_norm(h, 'norm_out'))
+    h = _mid_block(h, self.dropout, self.norm_num_groups, self.dtype, deterministic)
+    h = nn.swish(group_norm(h, 'norm_out', num_groups=self.norm_num_groups))
     out_channels = 2 * self.z_channels if self.double_z else self.z_channels
     return conv(out_channels, dtype=self.dtype, name='conv_out')(h)
 
@@ -60,33 +62,36 @@ class Decoder(nn.Module):
   dropout: float = 0.0
   resamp_with_conv: bool = True
   tanh_out: bool = False
+  norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z, deterministic: bool = True):
     current_resolution = self.resolution // 2 ** (len(self.ch_mult) - 1)
     h = conv(self.ch * self.ch_mult[-1], dtype=self.dtype, name='conv_in')(z.astype(self.dtype))
-    h = _mid_block(h, self.dropout, self.dtype, deterministic)
+    h = _mid_block(h, self.dropout, self.norm_num_groups, self.dtype, deterministic)
     for level in reversed(range(len(self.ch_mult))):
       for block in range(self.num_res_blocks + 1):
-        h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout, dtype=self.dtype,
+        h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout, norm_num_groups=self.norm_num_groups,
+                        dtype=self.dtype,
                         name=f'up_{level}_block_{block}')(h, deterministic=deterministic)
         if current_resolution in self.attn_resolutions:
-          h = AttnBlock(self.dtype, name=f'up_{level}_attn_{block}')(h)
+          h = AttnBlock(self.norm_num_groups, self.dtype, name=f'up_{level}_attn_{block}')(h)
       if level != 0:
         h = Upsample(self.resamp_with_conv, self.dtype, name=f'up_{level}_upsample')(h)
         current_resolution *= 2
-    h = nn.swish(group_norm(h, 'norm_out'))
+    h = nn.swish(group_norm(h, 'norm_out', num_groups=self.norm_num_groups))
     h = conv(self.out_ch, dtype=self.dtype, name='conv_out')(h)
     return jnp.tanh(h) if self.tanh_out else h
 
 
-def _mid_block(h, dropout, dtype, deterministic):
+def _mid_block(h, dropout, norm_num_groups, dtype, deterministic):
   """ResnetBlock, AttnBlock, ResnetBlock at the lowest resolution; shared by both halves."""
   channels = h.shape[-1]
-  h = ResnetBlock(channels, dropout, dtype=dtype, name='mid_block_1')(h, deterministic=deterministic)
-  h = AttnBlock(dtype, name='mid_attn_1')(h)
-  return ResnetBlock(channels, dropout, dtype=dtype, name='mid_block_2')(h, deterministic=deterministic)
+  block = functools.partial(ResnetBlock, channels, dropout, norm_num_groups=norm_num_groups, dtype=dtype)
+  h = block(name='mid_block_1')(h, deterministic=deterministic)
+  h = AttnBlock(norm_num_groups, dtype, name='mid_attn_1')(h)
+  return block(name='mid_block_2')(h, deterministic=deterministic)
 
 
 class AutoencoderKL(nn.Module):
@@ -106,12 +111,14 @@ class AutoencoderKL(nn.Module):
   embed_dim: int = 4
   dropout: float = 0.0
   resamp_with_conv: bool = True
+  norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
 
   def setup(self):
     common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                  dropout=self.dropout, resamp_with_conv=self.resamp_with_conv, dtype=self.dtype)
+                  dropout=self.dropout, resamp_with_conv=self.resamp_with_conv,
+                  norm_num_groups=self.norm_num_groups, dtype=self.dtype)
     self.encoder = Encoder(z_channels=self.z_channels, double_z=self.double_z, **common)
     self.decoder = Decoder(out_ch=self.out_ch, **common)
     moment_channels = 2 * self.embed_dim if self.double_z else self.embed_dim

@@ -58,16 +58,17 @@ class ResnetBlock(nn.Module):
   out_channels: int
   dropout: float = 0.0
   use_conv_shortcut: bool = False
+  norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, temb=None, deterministic: bool = True):
     in_channels = x.shape[-1]
-    h = nn.swish(group_norm(x, 'norm1'))
+    h = nn.swish(group_norm(x, 'norm1', num_groups=self.norm_num_groups))
     h = conv(self.out_channels, dtype=self.dtype, name='conv1')(h)
     if temb is not None:
       h = h + dense(self.out_channels, self.dtype, name='temb_proj')(nn.swish(temb))[:, None, None]
-    h = nn.swish(group_norm(h, 'norm2'))
+    h = nn.swish(group_norm(h, 'norm2', num_groups=self.norm_num_groups))
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = conv(self.out_channels, dtype=self.dtype, name='conv2')(h)
     if in_channels != self.out_channels:
@@ -80,12 +81,13 @@ class ResnetBlock(nn.Module):
 
 class AttnBlock(nn.Module):
   """Single-head spatial self-attention over all H*W positions (the paper's 'vanilla')."""
+  norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, height, width, c = x.shape
-    h = group_norm(x, 'norm').reshape(b, height * width, c)
+    h = group_norm(x, 'norm', num_groups=self.norm_num_groups).reshape(b, height * width, c)
     q = dense(c, self.dtype, name='q')(h)
     k = dense(c, self.dtype, name='k')(h)
     v = dense(c, self.dtype, name='v')(h)

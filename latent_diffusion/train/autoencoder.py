@@ -28,6 +28,7 @@ def build_autoencoder(config) -> AutoencoderKL:
                        attn_resolutions=tuple(c.attn_resolutions), resolution=config.data.image_size,
                        in_channels=c.in_channels, out_ch=c.out_ch, z_channels=c.z_channels,
                        double_z=c.double_z, embed_dim=c.embed_dim, dropout=c.dropout,
+                       norm_num_groups=c.norm_num_groups,
                        dtype=common.activation_dtype(config))
 
 
@@ -89,7 +90,7 @@ def load_params(config, workdir, mesh=None):
   """The latest stage-1 parameters in <workdir>/autoencoder, for stage 2 and sampling."""
   mesh = mesh or sharding.make_mesh(config.mesh)
   model = build_autoencoder(config)
-  checkpoints = loop.Checkpoints(common.stage_dir(workdir, STAGE) / 'checkpoints', 1, 1)
+  checkpoints = common.stage_checkpoints(workdir, STAGE)
   if checkpoints.latest_step() is None:
     raise CheckpointError(f'no autoencoder checkpoint in {checkpoints.directory}; '
                           'train stage 1 first (--config.mode=train_autoencoder)')
@@ -100,10 +101,7 @@ def load_params(config, workdir, mesh=None):
 
 
 def is_complete(config, workdir) -> bool:
-  checkpoints = loop.Checkpoints(common.stage_dir(workdir, STAGE) / 'checkpoints', 1, 1)
-  latest = checkpoints.latest_step()
-  checkpoints.close()
-  return latest is not None and latest >= config.autoencoder_train.num_steps
+  return common.is_stage_complete(workdir, STAGE, config.autoencoder_train.num_steps)
 
 
 def train(config, workdir) -> TrainState:
@@ -114,16 +112,14 @@ def train(config, workdir) -> TrainState:
   mesh = sharding.make_mesh(config.mesh)
   model = build_autoencoder(config)
   iterator, batches = common.make_batches(config, train_config.batch_size, mesh)
-  checkpoints = loop.Checkpoints(directory / 'checkpoints', train_config.keep_checkpoints,
-                                 train_config.checkpoint_every_steps)
+  checkpoints = common.stage_checkpoints(workdir, STAGE, train_config)
   tx = make_optimizer(train_config)
   abstract, shardings = abstract_state(model, config, mesh)
-  if checkpoints.latest_step() is not None:
-    state = checkpoints.restore(loop.abstract_with_shardings(abstract, shardings), iterator)
+  state, resumed = loop.restore_or_create(checkpoints, abstract, shardings,
+                                          functools.partial(create_state, model, config, tx=tx),
+                                          jax.random.PRNGKey(config.seed), iterator)
+  if resumed:
     logging.info('autoencoder: resumed from step %d', int(state.step))
-  else:
-    state = jax.jit(functools.partial(create_state, model, config, tx=tx), out_shardings=shardings)(
-        jax.random.PRNGKey(config.seed))
   logging.info('autoencoder: %d parameters, f=%d', sum(np.size(x) for x in jax.tree.leaves(abstract.params)),
                model.downsampling_factor)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from latent_diffusion.data import pipeline
 from latent_diffusion.errors import ConfigError
-from latent_diffusion.train import sharding
+from latent_diffusion.train import loop, sharding
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -20,6 +20,21 @@ def activation_dtype(config):
 
 def stage_dir(workdir, stage: str) -> Path:
   return Path(workdir).absolute() / stage
+
+
+def stage_checkpoints(workdir, stage: str, train_config=None) -> loop.Checkpoints:
+  """The stage's CheckpointManager; retention and cadence from its train config when given."""
+  keep = train_config.keep_checkpoints if train_config else 1
+  every = train_config.checkpoint_every_steps if train_config else 1
+  return loop.Checkpoints(stage_dir(workdir, stage) / 'checkpoints', keep, every)
+
+
+def is_stage_complete(workdir, stage: str, num_steps: int) -> bool:
+  """True when the stage's latest checkpoint has reached num_steps."""
+  checkpoints = stage_checkpoints(workdir, stage)
+  latest = checkpoints.latest_step()
+  checkpoints.close()
+  return latest is not None and latest >= num_steps
 
 
 def make_batches(config, global_batch_size: int, mesh, seed_offset: int = 0):

@@ -116,17 +116,8 @@ def abstract_state(model, config, mesh):
   return abstract, sharding.state_shardings(abstract, mesh)
 
 
-def checkpoints_for(config, workdir, keep=1) -> loop.Checkpoints:
-  train_config = config.diffusion_train
-  return loop.Checkpoints(common.stage_dir(workdir, STAGE) / 'checkpoints', keep,
-                          train_config.checkpoint_every_steps)
-
-
 def is_complete(config, workdir) -> bool:
-  checkpoints = checkpoints_for(config, workdir)
-  latest = checkpoints.latest_step()
-  checkpoints.close()
-  return latest is not None and latest >= config.diffusion_train.num_steps
+  return common.is_stage_complete(workdir, STAGE, config.diffusion_train.num_steps)
 
 
 def train(config, workdir) -> TrainState:
@@ -147,21 +138,22 @@ def train(config, workdir) -> TrainState:
       yield {'moments': encode(ae_params, batch['image'])}
 
   batches = batches()
-  checkpoints = checkpoints_for(config, workdir, train_config.keep_checkpoints)
+  checkpoints = common.stage_checkpoints(workdir, STAGE, train_config)
   tx = make_optimizer(train_config)
   abstract, shardings = abstract_state(unet, config, mesh)
-  if checkpoints.latest_step() is not None:
-    state = checkpoints.restore(loop.abstract_with_shardings(abstract, shardings), iterator)
+  state, resumed = loop.restore_or_create(checkpoints, abstract, shardings,
+                                          functools.partial(create_state, unet, config, tx=tx),
+                                          jax.random.PRNGKey(config.seed + 1), iterator)
+  if resumed:
     logging.info('diffusion: resumed from step %d (scale_factor %.5f)', int(state.step),
                  float(state.extras['scale_factor']))
   else:
-    state = jax.jit(functools.partial(create_state, unet, config, tx=tx), out_shardings=shardings)(
-        jax.random.PRNGKey(config.seed + 1))
     scale_factor = config.diffusion.scale_factor
     if config.diffusion.scale_by_std:
       # Uses the first batch only to measure the latent std; training starts from the next one.
       first = next(batches)
-      scale_factor = scale_factor_from_moments(first['moments'], jax.random.fold_in(state.rng, SCALE_FACTOR_KEY))
+      scale_factor = scale_factor_from_moments(first['moments'],
+                                               jax.random.fold_in(state.rng, SCALE_FACTOR_KEY))
       logging.info('diffusion: scale_by_std, scale_factor = 1/std(z) = %.5f', float(scale_factor))
     state = state.replace(extras={'scale_factor': jax.device_put(
         jnp.asarray(scale_factor, jnp.float32), sharding.replicated(mesh))})

@@ -103,6 +103,13 @@ def abstract_with_shardings(abstract_tree, shardings):
                       abstract_tree, shardings)
 
 
+def restore_or_create(checkpoints: Checkpoints, abstract, shardings, create: Callable, rng, iterator):
+  """(state, resumed): the latest checkpoint restored onto `shardings`, or create(rng) compiled."""
+  if checkpoints.latest_step() is not None:
+    return checkpoints.restore(abstract_with_shardings(abstract, shardings), iterator), True
+  return jax.jit(create, out_shardings=shardings)(rng), False
+
+
 class Progress:
   """Progress lines with steps/s and ETA, and scalar averages written every `every` steps."""
 
