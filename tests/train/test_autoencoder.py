@@ -24,15 +24,22 @@ def images(seed=0, batch=2):
   return jax.random.uniform(jax.random.PRNGKey(seed), (batch, 16, 16, 3), minval=-1, maxval=1)
 
 
-def test_loss_is_summed_pixel_loss_per_image_plus_weighted_kl():
+def test_loss_is_summed_pixel_loss_per_image_plus_weighted_kl(make_random_params):
   config = tiny_config()
   model = stage1.build_autoencoder(config)
-  params = stage1.init_params(model, config, jax.random.PRNGKey(0))
+  params = make_random_params(jax.eval_shape(functools.partial(stage1.init_params, model, config),
+                                             jax.random.PRNGKey(0)))
   x, rng = images(), jax.random.PRNGKey(1)
-  loss, metrics = stage1.autoencoder_loss(model, params, x, rng, config.autoencoder_loss)
-  reconstruction, posterior = model.apply({'params': params}, x, rng=jax.random.split(rng)[0])
+  loss, metrics = jax.jit(lambda p: stage1.autoencoder_loss(model, p, x, rng, config.autoencoder_loss))(params)
+
+  @jax.jit
+  def reference(p):
+    reconstruction, posterior = model.apply({'params': p}, x, rng=jax.random.split(rng)[0])
+    return reconstruction, posterior.kl()
+
+  reconstruction, kl = reference(params)
   expected_rec = np.abs(np.asarray(reconstruction) - np.asarray(x)).sum() / 2
-  expected_kl = np.asarray(posterior.kl()).sum() / 2
+  expected_kl = np.asarray(kl).sum() / 2
   np.testing.assert_allclose(metrics['rec_loss'], expected_rec, rtol=1e-5)
   np.testing.assert_allclose(metrics['kl_loss'], expected_kl, rtol=1e-5)
   np.testing.assert_allclose(loss, expected_rec + 1e-6 * expected_kl, rtol=1e-5)
@@ -51,8 +58,8 @@ def test_train_step_is_pure_and_reduces_the_loss_on_a_fixed_batch():
   np.testing.assert_array_equal(first_metrics['loss'], repeat_metrics['loss'])
   jax.tree.map(np.testing.assert_array_equal, again.params, repeat.params)
   state, losses = again, [float(first_metrics['loss'])]
-  for _ in range(15):
+  for _ in range(11):
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
-  assert int(state.step) == 16
-  assert losses[-1] < 0.7 * losses[0], losses
+  assert int(state.step) == 12
+  assert losses[-1] < 0.85 * losses[0], losses
