@@ -23,8 +23,12 @@ def stage_dir(workdir, stage: str) -> Path:
 
 
 def stage_checkpoints(workdir, stage: str, train_config=None) -> loop.Checkpoints:
-  """The stage's CheckpointManager; retention and cadence from its train config when given."""
-  keep = train_config.keep_checkpoints if train_config else 1
+  """The stage's CheckpointManager; retention and cadence from its train config when given.
+
+  Without a train config the manager is for reading: it keeps every checkpoint, so that opening a
+  workdir to look (is the stage complete? which params to sample with?) can never prune one.
+  """
+  keep = train_config.keep_checkpoints if train_config else None
   every = train_config.checkpoint_every_steps if train_config else 1
   return loop.Checkpoints(stage_dir(workdir, stage) / 'checkpoints', keep, every)
 

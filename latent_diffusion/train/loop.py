@@ -58,7 +58,8 @@ def check_checkpoint_shapes(saved, expected, directory) -> None:
 class Checkpoints:
   """One orbax CheckpointManager for a stage: the train state plus the data iterator state."""
 
-  def __init__(self, directory: Path, keep: int, save_every: int):
+  def __init__(self, directory: Path, keep: int | None, save_every: int):
+    """keep: how many recent checkpoints to retain (None = all)."""
     self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
         self.directory,
