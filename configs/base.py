@@ -13,10 +13,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = 'float32'          # activation dtype: float32 | bfloat16 (parameters stay float32)
   config.log_every_steps = 50       # progress lines and TensorBoard scalars
   config.xla_cpu_fast_conv = True   # on CPU, route 3x3 convs away from YNNPACK's slow weight gradient
+  config.remat = 'none'             # rematerialise U-Net / autoencoder blocks: none | full | dots
+  config.max_nonfinite_steps = 10   # stop after this many consecutive steps with a NaN/Inf loss or gradient
+
+  # Multi-process runs: jax.distributed.initialize. With no coordinator here, a cluster environment
+  # (SLURM, TPU, MPI, JAX_COORDINATOR_ADDRESS) is detected, else a single local process is started
+  # (its coordination service delivers SIGTERM preemption notices).
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ''  # host:port of process 0 ('' = from the environment)
+  config.distributed.num_processes = 0         # 0 = from the environment
+  config.distributed.process_id = -1           # -1 = from the environment
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1             # data-parallel axis size; -1 = all remaining devices
   config.mesh.fsdp = 1              # parameter-sharding axis size
+  config.mesh.fsdp_min_size = 2**16  # arrays with fewer elements stay replicated over fsdp
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'synthetic'  # synthetic | folder | tfds
@@ -33,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.num_classes = 0       # number of class labels (0 = unlabelled)
   config.data.worker_count = 0      # grain worker processes (0 = in the main process)
   config.data.shuffle_buffer = 0    # unused with random-access sources; kept for streaming sources
+  config.data.max_bad_fraction = 0.01  # undecodable images are skipped; above this fraction: error
 
   # Stage 1: AutoencoderKL (the paper's ddconfig + embed_dim).
   config.autoencoder = ml_collections.ConfigDict()
@@ -60,7 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.autoencoder_train.adam_b2 = 0.9
   config.autoencoder_train.warmup_steps = 0      # linear warm-up from 0
   config.autoencoder_train.checkpoint_every_steps = 5000
+  config.autoencoder_train.accumulate_grad_batches = 1  # optimizer update every k steps (optax.MultiSteps)
   config.autoencoder_train.keep_checkpoints = 3  # how many recent checkpoints to keep
+  config.autoencoder_train.keep_period = 0  # also keep every checkpoint whose step is a multiple (0 = none)
   config.autoencoder_train.sample_every_steps = 5000  # write a reconstruction grid
   config.autoencoder_train.num_sample_images = 8
 
@@ -97,8 +111,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion_train.warmup_steps = 10000   # linear warm-up from 1e-6 x learning_rate
   config.diffusion_train.ema_decay = 0.9999     # with the paper's warm-up min(decay, (1+n)/(10+n))
   config.diffusion_train.checkpoint_every_steps = 5000
+  config.diffusion_train.accumulate_grad_batches = 1  # optimizer update every k steps (optax.MultiSteps)
   config.diffusion_train.keep_checkpoints = 3
+  config.diffusion_train.keep_period = 0  # also keep every checkpoint whose step is a multiple (0 = none)
   config.diffusion_train.sample_every_steps = 5000  # write a DDIM sample grid
+  config.diffusion_train.precompute_latents = False  # encode the dataset once, train from the cache
 
   config.sampling = ml_collections.ConfigDict()
   config.sampling.num_samples = 16   # images per grid in sample mode
