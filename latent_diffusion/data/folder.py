@@ -17,15 +17,27 @@ Labels (int32 'label' key), first rule that applies:
      cifar10/test this gives airplane=0, automobile=1, ..., truck=9.
   4. Otherwise: no labels.
 
-Undecodable files are skipped with a warning: reading index i returns the next
-decodable image (i+1, i+2, ..., wrapping around), so a read never fails unless
-no file decodes. `num_skipped` counts the distinct bad files this process has
-met (with grain workers, each worker counts its own).
+Images come out as uint8 (H, W, 3) RGB whatever their mode: grey, palette,
+LA, RGBA and CMYK by PIL's conversion (alpha is dropped, not composited); 16-bit
+grey ('I;16*', and 'I' as 16-bit PNGs read in older Pillow) scaled from
+0..65535; float ('F') scaled from the smallest of [0, 1], [0, 255], [0, 65535]
+holding its maximum. Animations give their first frame. EXIF orientation is not
+applied.
+
+Bad files: a file that does not decode, or an image with a side shorter than
+MIN_SIDE pixels (a 1-pixel line or tracking dot has nothing to crop), is skipped
+with a warning naming it: reading index i returns the next good image (i+1,
+i+2, ..., wrapping around). Once the distinct bad files met exceed
+max_bad_fraction * len(files), every read raises DataError listing them.
+`num_skipped` and `skipped_paths` report the bad files this process has met
+(with grain workers, each worker counts its own; with several processes the
+limit applies to each process's count, against the whole folder).
 """
 
 import csv
 import os
 from pathlib import Path
+import threading
 
 from absl import logging
 import numpy as np
@@ -36,6 +48,9 @@ from latent_diffusion import errors
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif')
 LABELS_CSV = 'labels.csv'
 FILENAME_COLUMN = 'filename'
+MIN_SIDE = 2  # Images with a shorter side are refused as bad files.
+MAX_LISTED = 10  # Bad files named in the error; the rest are counted.
+_FLOAT_RANGES = (1.0, 255.0, 65535.0)
 
 
 def find_images(root):
@@ -90,16 +105,53 @@ def class_folders(files):
   return tuple(sorted({rel.split('/', 1)[0] for rel in files}))
 
 
-def decode_image(file_path):
-  """uint8 (H, W, 3) RGB array of an image file (first frame of animations)."""
-  with Image.open(file_path) as image:
+def to_rgb(image):
+  """uint8 (H, W, 3) RGB array of a PIL image of any mode (see module doc)."""
+  if image.mode == 'I' or image.mode.startswith('I;16'):
+    top = 65535.0
+  elif image.mode == 'F':
+    top = None
+  else:
     return np.asarray(image.convert('RGB'), dtype=np.uint8)
+  values = np.asarray(image, dtype=np.float64)
+  if top is None:
+    if not np.isfinite(values).all():
+      raise ValueError('float image with non-finite values')
+    peak = float(values.max())
+    top = next((t for t in _FLOAT_RANGES if peak <= t), peak)
+  grey = np.rint(np.clip(values, 0.0, top) * (255.0 / top)).astype(np.uint8)
+  return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def decode_image(file_path):
+  """uint8 (H, W, 3) RGB array of an image file (first frame of animations).
+
+  Raises:
+    ValueError: the image has a side shorter than MIN_SIDE.
+    Exception: whatever PIL raises for a file it cannot decode.
+  """
+  with Image.open(file_path) as image:
+    width, height = image.size
+    if min(width, height) < MIN_SIDE:
+      raise ValueError(f'{width}x{height} image, smaller than '
+                       f'{MIN_SIDE}x{MIN_SIDE}')
+    return to_rgb(image)
 
 
 class ImageFolder:
-  """Random-access source of the images under `path` (see module doc)."""
+  """Random-access source of the images under `path` (see module doc).
 
-  def __init__(self, path, label_column='label'):
+  Args:
+    path: the folder, searched recursively.
+    label_column: labels.csv column of the label; '' for no labels.
+    max_bad_fraction: largest tolerated fraction of bad files, in [0, 1].
+  """
+
+  def __init__(self, path, label_column='label', max_bad_fraction=0.01):
+    if not 0 <= max_bad_fraction <= 1:
+      raise ValueError(
+          f'max_bad_fraction must be in [0, 1], got {max_bad_fraction}')
+    self.max_bad_fraction = float(max_bad_fraction)
     self.root = Path(path).expanduser()
     if not str(path) or not self.root.exists():
       raise errors.DataError(f'data.path does not exist: {str(path)!r}')
@@ -126,18 +178,53 @@ class ImageFolder:
         self.labels = np.asarray(
             [index[rel.split('/', 1)[0]] for rel in self.files], np.int32)
         self.label_source = 'class folders'
-    self._bad = set()
+    self._bad = {}  # index -> None, in the order met.
+    self._lock = threading.Lock()  # grain reads from several threads.
+
+  def __getstate__(self):
+    state = dict(self.__dict__)
+    del state['_lock']  # Locks do not pickle (grain workers).
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
   @property
   def num_skipped(self):
-    """Number of distinct undecodable files met so far in this process."""
+    """Number of distinct bad files met so far in this process."""
     return len(self._bad)
+
+  @property
+  def skipped_paths(self):
+    """Paths (str) of the distinct bad files met so far, in the order met."""
+    with self._lock:
+      bad = tuple(self._bad)
+    return tuple(str(self.root / self.files[i]) for i in bad)
+
+  def too_many_bad(self):
+    """Whether the bad files met exceed max_bad_fraction of all files."""
+    # count / total, not fraction * total: 29 of 100 is not above 0.29.
+    return len(self._bad) / len(self.files) > self.max_bad_fraction
+
+  def _too_many_bad_error(self):
+    """DataError naming the count, the limit, the root and the bad files."""
+    with self._lock:
+      bad = [self.files[i] for i in self._bad]
+    listed = ', '.join(bad[:MAX_LISTED])
+    if len(bad) > MAX_LISTED:
+      listed += f' ... and {len(bad) - MAX_LISTED} more'
+    return errors.DataError(
+        f'{len(bad)} of {len(self.files)} images under {self.root} are bad '
+        f'(undecodable or too small), more than data.max_bad_fraction='
+        f'{self.max_bad_fraction:g} allows; fix or remove them, or raise '
+        f'data.max_bad_fraction: {listed}')
 
   def __len__(self):
     return len(self.files)
 
   def _read(self, index):
-    """The record of file `index`, or None if it does not decode."""
+    """The record of file `index`, or None if it is bad."""
     if index in self._bad:
       return None
     file_path = self.root / self.files[index]
@@ -145,10 +232,12 @@ class ImageFolder:
       image = decode_image(file_path)
     except Exception as e:  # pylint: disable=broad-except
       # Any failure to read one file (truncated, not an image, gone, a decoder
-      # bug) must not stop training: skip the file.
-      self._bad.add(index)
-      logging.warning('Skipping undecodable image %s (%s: %s); %d skipped so '
-                      'far.', file_path, type(e).__name__, e, len(self._bad))
+      # bug) must not stop training: skip the file, up to max_bad_fraction.
+      with self._lock:
+        self._bad[index] = None
+        count = len(self._bad)
+      logging.warning('Skipping bad image %s (%s: %s); %d skipped so far.',
+                      file_path, type(e).__name__, e, count)
       return None
     record = {'image': image}
     if self.labels is not None:
@@ -162,6 +251,8 @@ class ImageFolder:
           f'index {index} out of range for {len(self.files)} images')
     for offset in range(len(self.files)):
       record = self._read((index + offset) % len(self.files))
+      if self.too_many_bad():
+        raise self._too_many_bad_error()
       if record is not None:
         return record
     raise errors.DataError(f'no image under {self.root} could be decoded')

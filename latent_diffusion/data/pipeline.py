@@ -54,6 +54,10 @@ def check_config(data_config):
     raise errors.ConfigError(
         'data.synthetic_size must be positive, got '
         f'{data_config.synthetic_size}')
+  if not 0 <= float(data_config.max_bad_fraction) <= 1:
+    raise errors.ConfigError(
+        'data.max_bad_fraction must be in [0, 1], got '
+        f'{data_config.max_bad_fraction}')
   if data_config.source == 'folder' and not data_config.path:
     raise errors.ConfigError("data.path must name an image folder when "
                              "data.source is 'folder'")
@@ -70,7 +74,8 @@ def make_source(data_config):
         data_config.synthetic_size, data_config.synthetic_seed,
         image_size=data_config.image_size)
   if data_config.source == 'folder':
-    return folder.ImageFolder(data_config.path, data_config.label_column)
+    return folder.ImageFolder(data_config.path, data_config.label_column,
+                              data_config.max_bad_fraction)
   # Imported here: TFDS is slow to import and only this source needs it.
   from latent_diffusion.data import tfds  # pylint: disable=g-import-not-at-top
   return tfds.TfdsSource(data_config.tfds_name, data_config.tfds_split,

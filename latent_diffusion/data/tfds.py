@@ -5,9 +5,10 @@ random-access format under data_dir, e.g.
 
   tfds build lsun/church_outdoor --data_dir=DIR --file_format=array_record
 
-Records: 'image' uint8 (H, W, 3) (grey images are repeated to 3 channels, an
-alpha channel is dropped) and, where the dataset has a scalar one, 'label'
-int32.
+Records: 'image' uint8 (H, W, 3) and, where the dataset has a scalar one,
+'label' int32. Grey images, (H, W) or (H, W, 1), are repeated to 3 channels, an
+alpha channel is dropped and uint16 images are scaled to 0..255; any other
+shape raises DataError naming the dataset, split and record index.
 """
 
 import numpy as np
@@ -16,13 +17,21 @@ from latent_diffusion import errors
 
 
 def to_rgb(image):
-  """uint8 (H, W, 3) from a TFDS image of 1, 3 or 4 channels."""
-  image = np.asarray(image, dtype=np.uint8)
+  """uint8 (H, W, 3) from an image of 1, 3 or 4 channels, else ValueError."""
+  image = np.asarray(image)
   if image.ndim == 2:
     image = image[..., None]
+  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+    raise ValueError(f'image of shape {image.shape}, expected (H, W) or '
+                     '(H, W, C) with C in 1, 3, 4')
+  if min(image.shape[:2]) < 1:
+    raise ValueError(f'empty image of shape {image.shape}')
+  if image.dtype == np.uint16:  # tfds.features.Image(dtype=uint16).
+    image = np.rint(image * (255.0 / 65535.0))
+  image = image.astype(np.uint8)
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
-  return image[..., :3]
+  return np.ascontiguousarray(image[..., :3])
 
 
 def default_data_dir():
@@ -65,8 +74,15 @@ class TfdsSource:
     return len(self._source)
 
   def __getitem__(self, index):
-    example = self._source[int(index)]
-    record = {'image': to_rgb(example['image'])}
+    index = int(index)
+    example = self._source[index]
+    try:
+      image = to_rgb(example['image'])
+    except ValueError as e:
+      raise errors.DataError(
+          f'TFDS dataset {self.name!r} split {self.split!r} record {index}: '
+          f'{e}') from None
+    record = {'image': image}
     label = example.get('label')
     if label is not None and np.ndim(label) == 0:
       record['label'] = np.int32(label)

@@ -26,6 +26,7 @@ def data_config(**overrides):
       'num_classes': 0,
       'worker_count': 0,
       'shuffle_buffer': 0,
+      'max_bad_fraction': 0.01,
   })
   config.lock()  # A misspelt override fails, as with --config.data.x.
   config.update(overrides)

@@ -76,7 +76,8 @@ def test_unknown_source_raises_config_error_naming_field(make_data_config):
 
 @pytest.mark.parametrize('field, value', [
     ('crop', 'top'), ('image_size', 0), ('worker_count', -1),
-    ('synthetic_size', 0)])
+    ('synthetic_size', 0), ('max_bad_fraction', 1.5),
+    ('max_bad_fraction', -0.1)])
 def test_bad_field_raises_config_error_naming_it(make_data_config, field,
                                                  value):
   with pytest.raises(errors.ConfigError, match=rf'data\.{field}'):
@@ -252,7 +253,8 @@ def test_corrupt_file_in_folder_does_not_stop_the_pipeline(make_data_config,
   for i in range(6):
     Image.new('RGB', (10, 12), (i * 40,) * 3).save(tmp_path / f'{i}.png')
   (tmp_path / '3.png').write_bytes(b'broken')
-  config = make_data_config(source='folder', path=str(tmp_path), image_size=8)
+  config = make_data_config(source='folder', path=str(tmp_path), image_size=8,
+                            max_bad_fraction=0.2)
   batches = [b for _, b in zip(range(6), pipeline.make_iterator(
       config, batch_size=4, seed=0))]
   assert all(b['image'].shape == (4, 8, 8, 3) for b in batches)

@@ -83,3 +83,46 @@ def test_data_source_is_opened_without_download(monkeypatch):
   assert calls == [('cifar10', {'split': 'train', 'data_dir': '/some/dir',
                                 'download': False})]
   assert source[0]['label'] == 2
+
+
+def fake_source(monkeypatch, images):
+  """Makes tfds.data_source return records holding `images`."""
+  records = [{'image': image} for image in images]
+  monkeypatch.setattr(tfds, 'data_source', lambda name, **kwargs: records)
+  return tfds_source.TfdsSource('cifar10', 'train', '/some/dir')
+
+
+def test_one_channel_images_are_tiled_to_three(monkeypatch):
+  grey = np.arange(15, dtype=np.uint8).reshape(3, 5, 1)
+  image = fake_source(monkeypatch, [grey])[0]['image']
+  assert image.shape == (3, 5, 3) and image.dtype == np.uint8
+  for channel in range(3):
+    np.testing.assert_array_equal(image[..., channel], grey[..., 0])
+
+
+def test_alpha_channel_is_dropped(monkeypatch):
+  rgba = np.arange(60, dtype=np.uint8).reshape(3, 5, 4)
+  image = fake_source(monkeypatch, [rgba])[0]['image']
+  np.testing.assert_array_equal(image, rgba[..., :3])
+
+
+def test_uint16_images_are_scaled_to_255(monkeypatch):
+  deep = np.array([[[0], [65535], [257 * 100], [1000]]], np.uint16)
+  image = fake_source(monkeypatch, [deep])[0]['image']
+  assert image.dtype == np.uint8
+  np.testing.assert_array_equal(image[0, :, 1], [0, 255, 100, 4])
+
+
+@pytest.mark.parametrize('shape', [
+    (3, 5, 2), (3, 5, 5), (15,), (2, 3, 5, 3), (0, 5, 3)])
+def test_bad_image_shape_raises_data_error_naming_dataset_split_index(
+    monkeypatch, shape):
+  good = np.zeros((3, 5, 3), np.uint8)
+  source = fake_source(monkeypatch, [good, np.zeros(shape, np.uint8)])
+  assert source[0]['image'].shape == (3, 5, 3)
+  with pytest.raises(errors.DataError) as raised:
+    source[1]
+  message = str(raised.value)
+  assert "'cifar10'" in message and "'train'" in message
+  assert 'record 1' in message and str(shape) in message
+  assert '\n' not in message
