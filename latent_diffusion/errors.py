@@ -15,3 +15,15 @@ class DataError(LatentDiffusionError):
 
 class CheckpointError(LatentDiffusionError):
   """A checkpoint does not match the config or cannot be restored."""
+
+
+class TrainingError(LatentDiffusionError):
+  """Training cannot go on, e.g. too many consecutive non-finite losses or gradients."""
+
+
+class Preempted(Exception):
+  """Not an error: a preemption notice (SIGTERM) arrived and a checkpoint was saved. main.py exits 0."""
+
+  def __init__(self, stage: str, step: int):
+    super().__init__(f'{stage}: preempted; saved a checkpoint at step {step}')
+    self.stage, self.step = stage, step

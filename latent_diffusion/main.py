@@ -12,7 +12,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from latent_diffusion.errors import ConfigError, LatentDiffusionError
+from latent_diffusion.errors import ConfigError, LatentDiffusionError, Preempted
 
 MODES = ('train', 'train_autoencoder', 'train_diffusion', 'sample', 'summary')
 # Measured on a 2-core CPU: YNNPACK's 3x3 conv weight gradient is ~2-3x slower than XLA's own.
@@ -72,11 +72,12 @@ def run(config, workdir: str) -> None:
   configure_jax(config)
   # Deferred so that nothing touches jax before configure_jax.
   from latent_diffusion import sample, summary  # pylint: disable=g-import-not-at-top
-  from latent_diffusion.train import autoencoder, diffusion, loop  # pylint: disable=g-import-not-at-top
+  from latent_diffusion.train import autoencoder, diffusion, loop, sharding  # pylint: disable=g-import-not-at-top
 
   if config.mode == 'summary':
     summary.summarize(config, workdir)
     return
+  sharding.initialize_distributed(config.distributed)
   if config.mode == 'sample':
     sample.sample(config, workdir)
     return
@@ -128,6 +129,8 @@ def main(argv) -> None:
   except LatentDiffusionError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except Preempted as e:  # the checkpoint is saved: a clean exit lets the scheduler restart us
+    logging.info('%s; run the same command to resume', e)
 
 
 if __name__ == '__main__':

@@ -1,11 +1,27 @@
 """Settings and fixtures shared by every test: quiet TensorFlow/XLA logs, the repo root on sys.path,
 random parameters without compiling initialisers."""
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# The XLA flags main.py sets, so that in-process runs and `python -m latent_diffusion.main`
+# subprocesses compile the same programs (bitwise comparisons between them hold) ...
+_FAST_CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+if _FAST_CPU_CONV_FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FAST_CPU_CONV_FLAG}'.strip()
+# ... and share one persistent compilation cache: a program compiled once (by any test or
+# subprocess) is loaded, not recompiled, by the next train() call or process that builds it.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix='jax_cache_')
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -7,7 +7,6 @@ only narrower, at 128x128 so that the 16x16 latent passes through all five U-Net
 
 import json
 
-import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -42,20 +41,6 @@ def shrunk_churches_config(mode: str):
 
 def checkpoint_steps(directory):
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache: the resumed run and sample mode reuse the first run's programs."""
-  options = {'jax_compilation_cache_dir': str(tmp_path_factory.mktemp('jax_cache')),
-             'jax_persistent_cache_min_compile_time_secs': 0.0,
-             'jax_persistent_cache_min_entry_size_bytes': 0}
-  previous = {name: getattr(jax.config, name) for name in options}
-  for name, value in options.items():
-    jax.config.update(name, value)
-  yield
-  for name, value in previous.items():
-    jax.config.update(name, value)
 
 
 @pytest.fixture(scope='module')

@@ -42,7 +42,8 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
   learning_rate = train_config.learning_rate
   if train_config.warmup_steps:
     learning_rate = optax.linear_schedule(0.0, learning_rate, train_config.warmup_steps)
-  return optax.adam(learning_rate, b1=train_config.adam_b1, b2=train_config.adam_b2)
+  return common.accumulate_gradients(
+      optax.adam(learning_rate, b1=train_config.adam_b1, b2=train_config.adam_b2), train_config)
 
 
 def autoencoder_loss(model, params, images, rng, loss_config, deterministic=True):
@@ -69,9 +70,10 @@ def train_step(state: TrainState, batch: dict, *, model, tx, loss_config, determ
   grad_fn = jax.value_and_grad(
       lambda p: autoencoder_loss(model, p, batch['image'], state.step_rng(), loss_config,
                                  deterministic), has_aux=True)
-  (_, metrics), grads = grad_fn(state.params)
-  metrics['grad_norm'] = optax.global_norm(grads)
-  return state.apply_gradients(grads, tx), metrics
+  (loss, metrics), grads = grad_fn(state.params)
+  state, skipped = state.apply_gradients_if_finite(grads, tx, loss)
+  metrics.update(grad_norm=optax.global_norm(grads), nonfinite=skipped.astype(jnp.float32))
+  return state, metrics
 
 
 def create_state(model, config, rng, tx) -> TrainState:
@@ -83,7 +85,7 @@ def create_state(model, config, rng, tx) -> TrainState:
 def abstract_state(model, config, mesh):
   tx = make_optimizer(config.autoencoder_train)
   abstract = jax.eval_shape(functools.partial(create_state, model, config, tx=tx), jax.random.PRNGKey(0))
-  return abstract, sharding.state_shardings(abstract, mesh)
+  return abstract, sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
 
 
 def load_params(config, workdir, mesh=None):
@@ -98,6 +100,14 @@ def load_params(config, workdir, mesh=None):
   state = checkpoints.restore(loop.abstract_with_shardings(abstract, shardings))
   checkpoints.close()
   return model, state.params
+
+
+def latest_step(workdir) -> int | None:
+  """The step of the latest stage-1 checkpoint in <workdir>/autoencoder (None if there is none)."""
+  checkpoints = common.stage_checkpoints(workdir, STAGE)
+  step = checkpoints.latest_step()
+  checkpoints.close()
+  return step
 
 
 def is_complete(config, workdir) -> bool:
@@ -133,18 +143,20 @@ def train(config, workdir) -> TrainState:
   reconstruct = jax.jit(lambda params, x: model.apply({'params': params}, x)[0])
 
   def write_reconstructions(state, step):
+    reconstructions = np.asarray(reconstruct(state.params, sample_images))  # every process
     if jax.process_index() == 0:
-      reconstructions = np.asarray(reconstruct(state.params, sample_images))
       path = image_io.save_grid(directory / 'samples' / f'reconstructions_{step:07d}.png',
                                 np.concatenate([sample_images, reconstructions]),
                                 columns=len(sample_images))
       logging.info('autoencoder: wrote %s', path)
 
-  state = loop.run_steps(
-      name='autoencoder', state=state, train_step=step_fn, batches=batches, iterator=iterator,
-      checkpoints=checkpoints, writer=loop.make_writer(directory), total_steps=train_config.num_steps,
-      log_every=config.log_every_steps,
-      periodic=[(train_config.sample_every_steps, write_reconstructions)])
-  checkpoints.close()
-  return state
+  try:
+    return loop.run_steps(
+        name='autoencoder', state=state, train_step=step_fn, batches=batches, iterator=iterator,
+        checkpoints=checkpoints, writer=loop.make_writer(directory),
+        total_steps=train_config.num_steps, log_every=config.log_every_steps,
+        max_nonfinite_steps=config.max_nonfinite_steps, metrics_path=directory / 'metrics.jsonl',
+        periodic=[(train_config.sample_every_steps, write_reconstructions)])
+  finally:
+    checkpoints.close()
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from latent_diffusion.data import pipeline
 from latent_diffusion.errors import ConfigError
@@ -18,6 +19,17 @@ def activation_dtype(config):
   return DTYPES[config.dtype]
 
 
+def accumulate_gradients(tx, train_config):
+  """optax.MultiSteps: gradients of `accumulate_grad_batches` steps are averaged into one update.
+
+  Steps, checkpoints and the EMA count batches; the optimizer (and its schedule) counts updates.
+  """
+  k = train_config.accumulate_grad_batches
+  if k < 1:
+    raise ConfigError(f'accumulate_grad_batches: must be >= 1, got {k}')
+  return tx if k == 1 else optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
+
+
 def stage_dir(workdir, stage: str) -> Path:
   return Path(workdir).absolute() / stage
 
@@ -30,7 +42,8 @@ def stage_checkpoints(workdir, stage: str, train_config=None) -> loop.Checkpoint
   """
   keep = train_config.keep_checkpoints if train_config else None
   every = train_config.checkpoint_every_steps if train_config else 1
-  return loop.Checkpoints(stage_dir(workdir, stage) / 'checkpoints', keep, every)
+  keep_period = train_config.keep_period if train_config else 0
+  return loop.Checkpoints(stage_dir(workdir, stage) / 'checkpoints', keep, every, keep_period)
 
 
 def is_stage_complete(workdir, stage: str, num_steps: int) -> bool:

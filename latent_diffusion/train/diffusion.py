@@ -8,14 +8,17 @@ import numpy as np
 import optax
 from absl import logging
 
+from jax.experimental import multihost_utils
+
 from latent_diffusion import images as image_io
+from latent_diffusion.data import latents
 from latent_diffusion.diffusion import process, samplers, schedules
 from latent_diffusion.errors import ConfigError
 from latent_diffusion.models.distributions import DiagonalGaussian
 from latent_diffusion.models.unet import UNetModel
 from latent_diffusion.train import autoencoder as stage1
 from latent_diffusion.train import common, loop, sharding
-from latent_diffusion.train.state import TrainState, ema_decay, update_ema
+from latent_diffusion.train.state import TrainState, ema_decay
 
 STAGE = 'diffusion'
 SCALE_FACTOR_KEY = 0xFFFFFFFF  # fold_in data of the scale_by_std posterior sample; no step reaches it
@@ -52,8 +55,9 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
   if train_config.warmup_steps:
     learning_rate = optax.warmup_constant_schedule(1e-6 * learning_rate, learning_rate,
                                                    train_config.warmup_steps)
-  return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8,
-                     weight_decay=train_config.weight_decay)
+  return common.accumulate_gradients(
+      optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_config.weight_decay),
+      train_config)
 
 
 def diffusion_loss(model, params, latents, rng, schedule, loss_type, deterministic=True):
@@ -75,11 +79,12 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, loss_type
   grad_fn = jax.value_and_grad(
       lambda p: diffusion_loss(model, p, latents, loss_rng, schedule, loss_type, deterministic),
       has_aux=True)
-  (_, metrics), grads = grad_fn(state.params)
-  state = state.apply_gradients(grads, tx)
-  decay = ema_decay(base_ema_decay, state.step)
-  metrics.update(grad_norm=optax.global_norm(grads), ema_decay=decay)
-  return state.replace(ema_params=update_ema(state.ema_params, state.params, decay)), metrics
+  (loss, metrics), grads = grad_fn(state.params)
+  decay = ema_decay(base_ema_decay, state.step + 1)
+  state, skipped = state.apply_gradients_if_finite(grads, tx, loss, ema_decay_value=decay)
+  metrics.update(grad_norm=optax.global_norm(grads), ema_decay=decay,
+                 nonfinite=skipped.astype(jnp.float32))
+  return state, metrics
 
 
 def create_state(model, config, rng, tx) -> TrainState:
@@ -110,10 +115,38 @@ def make_sampler(unet: UNetModel, autoencoder, config, schedule, num_samples: in
   return jax.jit(sample)
 
 
+def moment_batches(config, workdir, autoencoder, ae_params, mesh):
+  """(iterator, generator of global batches {'moments'}): the stage-1 posterior of each image,
+  encoded on the fly, or read from a cache encoded once (diffusion_train.precompute_latents)."""
+  train_config = config.diffusion_train
+  encode = jax.jit(lambda params, x: autoencoder.apply({'params': params}, x,
+                                                         method=autoencoder.encode_moments))
+  if not train_config.precompute_latents:
+    iterator, images = common.make_batches(config, train_config.batch_size, mesh, seed_offset=1)
+    return iterator, ({'moments': encode(ae_params, batch['image'])} for batch in images)
+
+  # Each process encodes its own slice on its own devices: slices differ in length, so no
+  # computation may span processes here.
+  local_mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ('data',))
+  local_params = jax.device_put(multihost_utils.process_allgather(ae_params, tiled=True),
+                                jax.sharding.NamedSharding(local_mesh, jax.sharding.PartitionSpec()))
+  local_batch = jax.sharding.NamedSharding(local_mesh, jax.sharding.PartitionSpec('data'))
+  local_batch_size = train_config.batch_size // jax.process_count()
+  cache = common.stage_dir(workdir, STAGE) / 'latents'
+  latents.write_cache(
+      cache, config.data, lambda images: np.asarray(encode(local_params, jax.device_put(images, local_batch))),
+      batch_size=local_batch_size,
+      fingerprint={'autoencoder_step': stage1.latest_step(workdir),
+                   'autoencoder': config.autoencoder.to_dict()})
+  iterator = latents.make_iterator(cache, batch_size=local_batch_size, seed=config.seed + 1,
+                                   flip=config.data.flip)
+  return iterator, (sharding.global_batch(batch, mesh) for batch in iterator)
+
+
 def abstract_state(model, config, mesh):
   tx = make_optimizer(config.diffusion_train)
   abstract = jax.eval_shape(functools.partial(create_state, model, config, tx=tx), jax.random.PRNGKey(0))
-  return abstract, sharding.state_shardings(abstract, mesh)
+  return abstract, sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
 
 
 def is_complete(config, workdir) -> bool:
@@ -129,15 +162,7 @@ def train(config, workdir) -> TrainState:
   autoencoder, ae_params = stage1.load_params(config, workdir, mesh)
   unet = build_unet(config)
   schedule = schedules.schedule_from_config(config.diffusion)
-  iterator, images = common.make_batches(config, train_config.batch_size, mesh, seed_offset=1)
-  encode = jax.jit(lambda params, x: autoencoder.apply({'params': params}, x,
-                                                         method=autoencoder.encode_moments))
-
-  def batches():
-    for batch in images:
-      yield {'moments': encode(ae_params, batch['image'])}
-
-  batches = batches()
+  iterator, batches = moment_batches(config, workdir, autoencoder, ae_params, mesh)
   checkpoints = common.stage_checkpoints(workdir, STAGE, train_config)
   tx = make_optimizer(train_config)
   abstract, shardings = abstract_state(unet, config, mesh)
@@ -177,9 +202,12 @@ def train(config, workdir) -> TrainState:
                                 np.asarray(samples))
       logging.info('diffusion: wrote %s', path)
 
-  state = loop.run_steps(
-      name='diffusion', state=state, train_step=step_fn, batches=batches, iterator=iterator,
-      checkpoints=checkpoints, writer=loop.make_writer(directory), total_steps=train_config.num_steps,
-      log_every=config.log_every_steps, periodic=[(train_config.sample_every_steps, write_samples)])
-  checkpoints.close()
-  return state
+  try:
+    return loop.run_steps(
+        name='diffusion', state=state, train_step=step_fn, batches=batches, iterator=iterator,
+        checkpoints=checkpoints, writer=loop.make_writer(directory),
+        total_steps=train_config.num_steps, log_every=config.log_every_steps,
+        max_nonfinite_steps=config.max_nonfinite_steps, metrics_path=directory / 'metrics.jsonl',
+        periodic=[(train_config.sample_every_steps, write_samples)])
+  finally:
+    checkpoints.close()

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import chex
 import grain
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers
 
-from latent_diffusion.errors import CheckpointError
+from latent_diffusion.errors import CheckpointError, Preempted, TrainingError
 
 
 def write_config(directory: Path, config) -> None:
@@ -56,14 +57,21 @@ def check_checkpoint_shapes(saved, expected, directory) -> None:
 
 
 class Checkpoints:
-  """One orbax CheckpointManager for a stage: the train state plus the data iterator state."""
+  """One orbax CheckpointManager for a stage: the train state plus the data iterator state.
 
-  def __init__(self, directory: Path, keep: int | None, save_every: int):
-    """keep: how many recent checkpoints to retain (None = all)."""
+  Saving is asynchronous; `latest_step` and `close` wait for a save in flight first. A save is
+  written to a temporary directory and renamed when complete, so a process killed mid-save leaves
+  the previous checkpoints intact (the temporary directory is removed on the next start).
+  """
+
+  def __init__(self, directory: Path, keep: int | None, save_every: int, keep_period: int = 0):
+    """keep: how many recent checkpoints to retain (None = all); keep_period: also keep every
+    checkpoint whose step is a multiple of it (0 = none)."""
     self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period or None,
+                                             create=True, cleanup_tmp_directories=True,
                                              enable_async_checkpointing=True),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler()})
@@ -73,7 +81,14 @@ class Checkpoints:
     self.manager.wait_until_finished()
     return self.manager.latest_step()
 
+  def reached_preemption(self, step: int) -> bool:
+    """True at the step where every process agreed to save after a preemption notice (SIGTERM).
+    Call at every step on every process; always False without jax.distributed."""
+    return self.manager.reached_preemption(step)
+
   def save(self, step: int, state, iterator=None, force: bool = False) -> None:
+    """Start an async save; the state is checked to be finite first (TrainingError if not)."""
+    assert_state_finite(state, step)
     items = {'state': ocp.args.StandardSave(state)}
     if iterator is not None:
       items['data'] = grain.checkpoint.CheckpointSave(iterator)
@@ -98,6 +113,30 @@ class Checkpoints:
     self.manager.close()
 
 
+@jax.jit
+def _finite_labels(tree):
+  """Per floating leaf: 0.0 if finite everywhere, NaN otherwise (one scalar per leaf)."""
+  return {name: jnp.where(jnp.all(jnp.isfinite(x)), 0.0, jnp.nan)
+          for name, x in _floating_leaves(tree).items()}
+
+
+def _floating_leaves(tree) -> dict:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_leaf_path(path): leaf for path, leaf in leaves
+          if jnp.issubdtype(leaf.dtype, jnp.inexact)}
+
+
+def assert_state_finite(state, step: int) -> None:
+  """chex check, reduced on device, that every parameter, optimizer moment and EMA is finite."""
+  labels = jax.device_get(_finite_labels(state))
+  try:
+    chex.assert_tree_all_finite(labels)
+  except AssertionError:
+    bad = sorted(name for name, value in labels.items() if not np.isfinite(value))
+    raise TrainingError(f'refusing to save a non-finite state at step {step}: '
+                        f'{", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}') from None
+
+
 def abstract_with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs carrying target shardings, for restoring onto any mesh."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -112,10 +151,13 @@ def restore_or_create(checkpoints: Checkpoints, abstract, shardings, create: Cal
 
 
 class Progress:
-  """Progress lines with steps/s and ETA, and scalar averages written every `every` steps."""
+  """Progress lines with steps/s and ETA; scalar averages written every `every` steps to the
+  TensorBoard writer and, on process 0, appended as one JSON line each to `metrics_path`."""
 
-  def __init__(self, name: str, writer, total_steps: int, every: int, start_step: int):
+  def __init__(self, name: str, writer, total_steps: int, every: int, start_step: int,
+               metrics_path: Path | None = None):
     self.name, self.writer, self.total_steps, self.every = name, writer, total_steps, every
+    self.metrics_path = metrics_path if jax.process_index() == 0 else None
     self.sums, self.count = None, 0
     self.last_time, self.last_step = time.perf_counter(), start_step
 
@@ -130,31 +172,83 @@ class Progress:
     steps_per_second = (step - self.last_step) / max(now - self.last_time, 1e-9)
     eta = (self.total_steps - step) / max(steps_per_second, 1e-9)
     self.writer.write_scalars(step, {**means, 'steps_per_second': steps_per_second})
+    if self.metrics_path is not None:
+      with open(self.metrics_path, 'a') as f:
+        f.write(json.dumps({'step': step, **means}) + '\n')
     logging.info('%s step %d/%d  %s  %.2f steps/s  ETA %s', self.name, step, self.total_steps,
                  '  '.join(f'{k} {v:.4g}' for k, v in sorted(means.items())), steps_per_second,
                  time.strftime('%H:%M:%S', time.gmtime(eta)))
     self.sums, self.count, self.last_time, self.last_step = None, 0, now, step
 
 
+def read_metrics(path: Path) -> dict[int, dict]:
+  """{step: metrics} from a metrics.jsonl; a step logged twice (a rerun after a crash between
+  logging and checkpointing) keeps its last line."""
+  lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+  return {record['step']: record for record in map(json.loads, lines)}
+
+
+class NonFiniteGuard:
+  """Counts consecutive steps whose update was skipped for a non-finite loss or gradient and stops
+  training after `patience` of them. Each step's flag is read one step late, so the host never
+  waits for the step it has just dispatched."""
+
+  def __init__(self, name: str, patience: int):
+    self.name, self.patience = name, patience
+    self.consecutive, self.total, self.pending = 0, 0, None
+
+  def push(self, step: int, skipped) -> None:
+    self.flush()
+    self.pending = (step, skipped)
+
+  def flush(self) -> None:
+    if self.pending is None:
+      return
+    step, skipped = self.pending
+    self.pending = None
+    if not float(skipped):
+      self.consecutive = 0
+      return
+    self.consecutive += 1
+    self.total += 1
+    logging.warning('%s step %d: non-finite loss or gradient; update skipped (%d in a row)',
+                    self.name, step, self.consecutive)
+    if self.consecutive >= self.patience:
+      raise TrainingError(f'{self.name}: {self.consecutive} consecutive steps with a non-finite loss '
+                          f'or gradient, the last at step {step}; stopping (max_nonfinite_steps='
+                          f'{self.patience}). The last checkpoint holds the state before them.')
+
+
 def run_steps(*, name: str, state, train_step: Callable, batches: Iterator[dict], iterator,
               checkpoints: Checkpoints, writer, total_steps: int, log_every: int,
+              max_nonfinite_steps: int = 10, metrics_path: Path | None = None,
               periodic: list[tuple[int, Callable[[Any, int], None]]] = ()):
   """Run `train_step` from state.step to total_steps; checkpoint and run periodic hooks.
 
   `batches` yields global batches built from `iterator`, whose state is checkpointed with the
   train state. `periodic` holds (every, fn(state, step)) pairs, e.g. writing sample grids.
+  A preemption notice saves at the agreed step and raises Preempted once the save is complete.
+  `train_step` must report metrics['nonfinite'] (1.0 when it skipped the update).
   """
   step = int(jax.device_get(state.step))
-  progress = Progress(name, writer, total_steps, log_every, step)
+  progress = Progress(name, writer, total_steps, log_every, step, metrics_path)
+  guard = NonFiniteGuard(name, max_nonfinite_steps)
   while step < total_steps:
     state, metrics = train_step(state, next(batches))
     step += 1
+    guard.push(step, metrics['nonfinite'])
     progress.update(step, metrics)
-    if step % checkpoints.save_every == 0 or step == total_steps:
-      checkpoints.save(step, state, iterator, force=step == total_steps)
+    preempted = checkpoints.reached_preemption(step)
+    if preempted or step % checkpoints.save_every == 0 or step == total_steps:
+      checkpoints.save(step, state, iterator, force=True)
+    if preempted:
+      checkpoints.manager.wait_until_finished()
+      writer.flush()
+      raise Preempted(name, step)
     for every, fn in periodic:
       if every and (step % every == 0 or step == total_steps):
         fn(state, step)
+  guard.flush()
   checkpoints.manager.wait_until_finished()
   writer.flush()
   return state

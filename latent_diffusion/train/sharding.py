@@ -1,7 +1,11 @@
 """The device mesh and the shardings of state and batches. Same code for 1 device or many."""
 
+import os
+import socket
+
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from latent_diffusion.errors import ConfigError
@@ -35,9 +39,28 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def state_shardings(state, mesh: Mesh):
-  """Shardings for every leaf of the train state: replicated for now."""
-  return jax.tree.map(lambda _: replicated(mesh), state)
+def array_sharding(shape: tuple[int, ...], mesh: Mesh, fsdp_min_size: int) -> NamedSharding:
+  """The size rule: an array of at least `fsdp_min_size` elements is split over `fsdp` along its
+  largest dimension that the fsdp axis size divides (the last such on ties); others are replicated.
+
+  The rule sees only the shape, so a parameter, its Adam moments and its EMA copy always get the
+  same sharding, and a checkpoint restores onto any mesh by recomputing it.
+  """
+  fsdp = mesh.shape['fsdp']
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < fsdp_min_size:
+    return replicated(mesh)
+  candidates = [(size, axis) for axis, size in enumerate(shape) if size % fsdp == 0]
+  if not candidates:
+    return replicated(mesh)
+  _, axis = max(candidates)
+  spec = [None] * len(shape)
+  spec[axis] = 'fsdp'
+  return NamedSharding(mesh, P(*spec))
+
+
+def state_shardings(state, mesh: Mesh, fsdp_min_size: int = 2**16):
+  """Shardings for every leaf of the train state (params, optimizer state, EMA, step, rng)."""
+  return jax.tree.map(lambda leaf: array_sharding(tuple(leaf.shape), mesh, fsdp_min_size), state)
 
 
 def global_batch(local_batch: dict, mesh: Mesh) -> dict:
@@ -45,3 +68,42 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local_batch.items() if np.asarray(v).dtype.kind in 'fiub'}
+
+
+# Environment variables that tell jax.distributed.initialize() how to find its peers.
+CLUSTER_ENVIRONMENT = ('JAX_COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
+                       'TPU_WORKER_HOSTNAMES', 'CLOUD_TPU_TASK_ID')
+
+
+def _free_local_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def initialize_distributed(distributed_config) -> None:
+  """jax.distributed.initialize from the config, else from the cluster environment, else as a
+  single local process. Must run before any computation.
+
+  Even one process gets a coordination service: it is what turns a SIGTERM into a preemption
+  notice that every process sees at the same step (`reached_preemption_sync_point`).
+  Cross-process collectives on CPU use gloo.
+  """
+  if jax.distributed.is_initialized():
+    return
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  c = distributed_config
+  if c.coordinator_address:
+    jax.distributed.initialize(c.coordinator_address,
+                               num_processes=c.num_processes if c.num_processes > 0 else None,
+                               process_id=c.process_id if c.process_id >= 0 else None)
+  elif any(name in os.environ for name in CLUSTER_ENVIRONMENT):
+    jax.distributed.initialize()
+  else:
+    try:
+      jax.distributed.initialize(f'127.0.0.1:{_free_local_port()}', num_processes=1, process_id=0)
+    except RuntimeError as e:  # jax already computed something (a notebook, a test): go on alone
+      logging.info('single process without jax.distributed (%s); SIGTERM will not save', e)
+      return
+  logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())

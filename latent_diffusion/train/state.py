@@ -39,6 +39,30 @@ class TrainState:
     return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
                         opt_state=opt_state)
 
+  def apply_gradients_if_finite(self, grads, tx: optax.GradientTransformation, loss,
+                                ema_decay_value=None) -> tuple['TrainState', jax.Array]:
+    """apply_gradients (and the EMA update, given its decay) unless the loss, a gradient or a new
+    parameter is non-finite; then params, optimizer state and EMA stay exactly as they were.
+
+    The step advances either way (the batch is consumed). Returns (state, skipped). Unlike
+    optax.apply_if_finite, a NaN update is never applied however many steps are skipped.
+    """
+    new = self.apply_gradients(grads, tx)
+    if ema_decay_value is not None:
+      new = new.replace(ema_params=update_ema(self.ema_params, new.params, ema_decay_value))
+    finite = all_finite((loss, grads, new.params))
+    keep_new = lambda n, o: jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)
+    return new.replace(params=keep_new(new.params, self.params),
+                       opt_state=keep_new(new.opt_state, self.opt_state),
+                       ema_params=keep_new(new.ema_params, self.ema_params)), ~finite
+
+
+def all_finite(tree) -> jax.Array:
+  """True when every floating-point value in `tree` is finite (a scalar bool)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
 
 def ema_decay(base_decay: float, num_updates: jax.Array) -> jax.Array:
   """The paper's LitEma warm-up: min(decay, (1 + n) / (10 + n)) after n updates."""

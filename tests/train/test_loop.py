@@ -131,7 +131,7 @@ def counting_step(state, batch):
   """A pure step: params['count'] += batch size; metrics a scalar."""
   new = state.replace(step=state.step + 1,
                       params={'count': state.params['count'] + batch['image'].shape[0]})
-  return new, {'loss': jnp.asarray(1.0) * state.step}
+  return new, {'loss': jnp.asarray(1.0) * state.step, 'nonfinite': jnp.zeros(())}
 
 
 def test_run_steps_checkpoints_logs_and_calls_hooks_then_resumes(tmp_path):
