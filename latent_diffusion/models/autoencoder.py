@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from latent_diffusion.models.distributions import DiagonalGaussian
 from latent_diffusion.models.layers import (AttnBlock, Downsample, ResnetBlock, Upsample, conv,
-                                            group_norm)
+                                            group_norm, remat_block)
 
 Dtype = Any
 
@@ -31,21 +31,23 @@ class Encoder(nn.Module):
   resamp_with_conv: bool = True
   norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
+  remat: str = 'none'  # none | full | dots: rematerialisation of each ResnetBlock and AttnBlock
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
+    resnet_block, attn_block = remat_block(ResnetBlock, self.remat), remat_block(AttnBlock, self.remat)
     h = conv(self.ch, dtype=self.dtype, name='conv_in')(x.astype(self.dtype))
     current_resolution = self.resolution
     for level, mult in enumerate(self.ch_mult):
       for block in range(self.num_res_blocks):
-        h = ResnetBlock(self.ch * mult, self.dropout, norm_num_groups=self.norm_num_groups, dtype=self.dtype,
-                        name=f'down_{level}_block_{block}')(h, deterministic=deterministic)
+        h = resnet_block(self.ch * mult, self.dropout, norm_num_groups=self.norm_num_groups,
+                         dtype=self.dtype, name=f'down_{level}_block_{block}')(h, deterministic=deterministic)
         if current_resolution in self.attn_resolutions:
-          h = AttnBlock(self.norm_num_groups, self.dtype, name=f'down_{level}_attn_{block}')(h)
+          h = attn_block(self.norm_num_groups, self.dtype, name=f'down_{level}_attn_{block}')(h)
       if level != len(self.ch_mult) - 1:
         h = Downsample(self.resamp_with_conv, self.dtype, name=f'down_{level}_downsample')(h)
         current_resolution //= 2
-    h = _mid_block(h, self.dropout, self.norm_num_groups, self.dtype, deterministic)
+    h = _mid_block(h, self.dropout, self.norm_num_groups, self.dtype, self.remat, deterministic)
     h = nn.swish(group_norm(h, 'norm_out', num_groups=self.norm_num_groups))
     out_channels = 2 * self.z_channels if self.double_z else self.z_channels
     return conv(out_channels, dtype=self.dtype, name='conv_out')(h)
@@ -64,19 +66,20 @@ class Decoder(nn.Module):
   tanh_out: bool = False
   norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
+  remat: str = 'none'  # none | full | dots: rematerialisation of each ResnetBlock and AttnBlock
 
   @nn.compact
   def __call__(self, z, deterministic: bool = True):
+    resnet_block, attn_block = remat_block(ResnetBlock, self.remat), remat_block(AttnBlock, self.remat)
     current_resolution = self.resolution // 2 ** (len(self.ch_mult) - 1)
     h = conv(self.ch * self.ch_mult[-1], dtype=self.dtype, name='conv_in')(z.astype(self.dtype))
-    h = _mid_block(h, self.dropout, self.norm_num_groups, self.dtype, deterministic)
+    h = _mid_block(h, self.dropout, self.norm_num_groups, self.dtype, self.remat, deterministic)
     for level in reversed(range(len(self.ch_mult))):
       for block in range(self.num_res_blocks + 1):
-        h = ResnetBlock(self.ch * self.ch_mult[level], self.dropout, norm_num_groups=self.norm_num_groups,
-                        dtype=self.dtype,
-                        name=f'up_{level}_block_{block}')(h, deterministic=deterministic)
+        h = resnet_block(self.ch * self.ch_mult[level], self.dropout, norm_num_groups=self.norm_num_groups,
+                         dtype=self.dtype, name=f'up_{level}_block_{block}')(h, deterministic=deterministic)
         if current_resolution in self.attn_resolutions:
-          h = AttnBlock(self.norm_num_groups, self.dtype, name=f'up_{level}_attn_{block}')(h)
+          h = attn_block(self.norm_num_groups, self.dtype, name=f'up_{level}_attn_{block}')(h)
       if level != 0:
         h = Upsample(self.resamp_with_conv, self.dtype, name=f'up_{level}_upsample')(h)
         current_resolution *= 2
@@ -85,12 +88,13 @@ class Decoder(nn.Module):
     return jnp.tanh(h) if self.tanh_out else h
 
 
-def _mid_block(h, dropout, norm_num_groups, dtype, deterministic):
+def _mid_block(h, dropout, norm_num_groups, dtype, remat, deterministic):
   """ResnetBlock, AttnBlock, ResnetBlock at the lowest resolution; shared by both halves."""
   channels = h.shape[-1]
-  block = functools.partial(ResnetBlock, channels, dropout, norm_num_groups=norm_num_groups, dtype=dtype)
+  block = functools.partial(remat_block(ResnetBlock, remat), channels, dropout,
+                            norm_num_groups=norm_num_groups, dtype=dtype)
   h = block(name='mid_block_1')(h, deterministic=deterministic)
-  h = AttnBlock(norm_num_groups, dtype, name='mid_attn_1')(h)
+  h = remat_block(AttnBlock, remat)(norm_num_groups, dtype, name='mid_attn_1')(h)
   return block(name='mid_block_2')(h, deterministic=deterministic)
 
 
@@ -113,12 +117,13 @@ class AutoencoderKL(nn.Module):
   resamp_with_conv: bool = True
   norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
+  remat: str = 'none'  # none | full | dots, passed to Encoder and Decoder
 
   def setup(self):
     common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                   attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
                   dropout=self.dropout, resamp_with_conv=self.resamp_with_conv,
-                  norm_num_groups=self.norm_num_groups, dtype=self.dtype)
+                  norm_num_groups=self.norm_num_groups, dtype=self.dtype, remat=self.remat)
     self.encoder = Encoder(z_channels=self.z_channels, double_z=self.double_z, **common)
     self.decoder = Decoder(out_ch=self.out_ch, **common)
     moment_channels = 2 * self.embed_dim if self.double_z else self.embed_dim

@@ -4,6 +4,8 @@ All arrays are NHWC. Parameters are float32; computation runs in `dtype`. Normal
 always runs in float32 (the paper's GroupNorm32 does the same), then casts back.
 """
 
+import functools
+import inspect
 import math
 from typing import Any
 
@@ -40,6 +42,38 @@ def group_norm(x: jax.Array, name: str, epsilon: float = 1e-6, num_groups: int =
   y = nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32,
                    param_dtype=jnp.float32, name=name)(x.astype(jnp.float32))
   return y.astype(x.dtype)
+
+
+# Rematerialisation policy per config.remat. 'dots' saves conv and matmul outputs and recomputes norms,
+# activations, softmax, dropout: dots_saveable, as dots_with_no_batch_dims_saveable never saves a conv.
+REMAT_POLICIES = {'none': None, 'full': jax.checkpoint_policies.nothing_saveable,
+                  'dots': jax.checkpoint_policies.dots_saveable}
+
+
+@functools.cache
+def remat_block(cls: type[nn.Module], remat: str) -> type[nn.Module]:
+  """`cls`, or `cls` wrapped in nn.remat with the policy named by `remat` (none | full | dots).
+
+  The wrapped call takes the same arguments; `deterministic` is static however it is passed.
+  Parameter names do not change as long as instances get an explicit `name=`.
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat must be one of {", ".join(REMAT_POLICIES)}; got {remat!r}')
+  if remat == 'none':
+    return cls
+  signature = inspect.signature(cls.__call__)  # 'self' is argument 0, as nn.remat counts.
+  static_argnums = tuple(i for i, name in enumerate(signature.parameters) if name == 'deterministic')
+  lifted = nn.remat(cls, static_argnums=static_argnums, policy=REMAT_POLICIES[remat])
+
+  class Remat(lifted):  # pylint: disable=missing-class-docstring
+    def __call__(self, *args, **kwargs):
+      # jax.checkpoint indexes static arguments by position: pass every argument, defaults included.
+      bound = signature.bind(self, *args, **kwargs)
+      bound.apply_defaults()
+      return super().__call__(*bound.args[1:])
+
+  Remat.__name__ = Remat.__qualname__ = lifted.__name__
+  return Remat
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from latent_diffusion.models.attention import AttentionBlock
-from latent_diffusion.models.layers import conv, dense, group_norm, timestep_embedding, upsample_nearest
+from latent_diffusion.models.layers import (conv, dense, group_norm, remat_block, timestep_embedding,
+                                            upsample_nearest)
 
 Dtype = Any
 
@@ -63,6 +64,7 @@ class UNetModel(nn.Module):
   use_scale_shift_norm: bool = True
   resblock_updown: bool = True
   dtype: Dtype = jnp.float32
+  remat: str = 'none'  # none | full | dots: rematerialisation of each ResBlock and AttentionBlock
 
   @nn.compact
   def __call__(self, x, timesteps, deterministic: bool = True):
@@ -71,12 +73,15 @@ class UNetModel(nn.Module):
     emb = dense(temb_channels, self.dtype, name='time_embed_0')(emb)
     emb = dense(temb_channels, self.dtype, name='time_embed_2')(nn.silu(emb))
 
+    res_block_cls = remat_block(ResBlock, self.remat)
+    attention_cls = remat_block(AttentionBlock, self.remat)
+
     def res_block(out_channels, name, **updown):
-      return ResBlock(out_channels, self.dropout, self.use_scale_shift_norm, dtype=self.dtype,
-                      name=name, **updown)
+      return res_block_cls(out_channels, self.dropout, self.use_scale_shift_norm, dtype=self.dtype,
+                           name=name, **updown)
 
     def attention(name, num_heads):
-      return AttentionBlock(num_heads, self.num_head_channels, self.dtype, name=name)
+      return attention_cls(num_heads, self.num_head_channels, self.dtype, name=name)
 
     def downsample(name, channels):
       if self.resblock_updown:

@@ -240,3 +240,76 @@ def test_parameter_count_equals_diffusers_for_same_settings():
                         resolution=64)
   expected = sum(p.numel() for p in reference.parameters())
   assert count(abstract_params(model, 64)) == expected
+
+
+# Rematerialisation (config.remat): the same network, recomputed in the backward pass.
+
+
+def blocks_in(params):
+  """Encoder and decoder entries that are a ResnetBlock (conv1) or an AttnBlock (q)."""
+  return [f'{half}/{name}' for half in ('encoder', 'decoder')
+          for name, tree in params[half].items() if 'conv1' in tree or 'q' in tree]
+
+
+# Attention at 16 px and in the middle, two levels: every kind of block and a down/upsample.
+REMAT_SMALL = {**SMALL, 'attn_resolutions': (16,)}
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_keeps_the_parameter_tree(remat):
+  expected = abstract_params(AutoencoderKL(**REMAT_SMALL), 16)
+  params = abstract_params(AutoencoderKL(**REMAT_SMALL, remat=remat), 16)
+  assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, expected)
+
+
+@pytest.mark.parametrize('remat, policy', [('none', None),
+                                           ('full', jax.checkpoint_policies.nothing_saveable),
+                                           ('dots', jax.checkpoint_policies.dots_saveable)])
+def test_remat_wraps_every_resnet_and_attention_block(remat, policy, remat_policies):
+  """One checkpoint per block in encoder and decoder (10 ResnetBlocks and 5 AttnBlocks)."""
+  model = AutoencoderKL(**REMAT_SMALL, remat=remat)
+  params = abstract_params(model, 16)
+  jaxpr = jax.make_jaxpr(lambda p, x: model.apply({'params': p}, x)[0])(
+      params, jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32))
+  expected = [] if policy is None else [policy] * len(blocks_in(params))
+  assert len(blocks_in(params)) == 15 and remat_policies(jaxpr) == expected
+
+
+def test_remat_rejects_an_unknown_value():
+  with pytest.raises(ValueError, match='remat must be one of none, full, dots'):
+    abstract_params(AutoencoderKL(**SMALL, remat='attention'), 16)
+
+
+# One level, dropout active: the smallest autoencoder whose gradients cover every block kind.
+REMAT_TINY = dict(ch=32, ch_mult=(1,), num_res_blocks=1, z_channels=4, embed_dim=3, resolution=4,
+                  dropout=0.5)
+
+
+def remat_value_and_grads(call, remat, params, x):
+  """Reconstruction + KL loss with a sampled posterior, as in training, and its gradients."""
+  model = AutoencoderKL(**REMAT_TINY, remat=remat)
+
+  def loss(params):
+    reconstruction, posterior = model.apply(
+        {'params': params}, x, jax.random.key(1, impl='rbg'), False,
+        rngs={'dropout': jax.random.key(2, impl='rbg')})
+    return jnp.mean((reconstruction - x) ** 2) + 1e-3 * jnp.mean(posterior.kl())
+
+  return call(jax.value_and_grad(loss), params)
+
+
+@pytest.fixture(scope='module')
+def remat_reference(make_random_params, call_unoptimised):
+  """(params, x, loss, grads) of the plain autoencoder in training mode."""
+  params = make_random_params(abstract_params(AutoencoderKL(**REMAT_TINY), 4))
+  x = jnp.asarray(np.random.default_rng(5).uniform(-1, 1, (1, 4, 4, 3)).astype(np.float32))
+  return (params, x, *remat_value_and_grads(call_unoptimised, 'none', params, x))
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_keeps_loss_and_gradients(remat, remat_reference, call_unoptimised,
+                                        assert_grads_close):
+  params, x, expected_loss, expected_grads = remat_reference
+  loss, grads = remat_value_and_grads(call_unoptimised, remat, params, x)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  assert_grads_close(grads, expected_grads)

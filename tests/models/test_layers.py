@@ -255,3 +255,57 @@ def test_attn_block_matches_numpy_single_head_attention(make_random_params):
   weights = numpy_softmax(np.einsum('bqc,bkc->bqk', q, k) / math.sqrt(32))
   out = np.einsum('bqk,bkc->bqc', weights, v) @ p['proj_out']['kernel'] + p['proj_out']['bias']
   np.testing.assert_allclose(ours, x + out.reshape(2, 4, 4, 32), atol=1e-4)
+
+
+# remat_block: the rematerialisation policy shared by the autoencoder and the U-Net.
+
+
+def test_remat_block_none_returns_the_class_itself():
+  assert layers.remat_block(layers.ResnetBlock, 'none') is layers.ResnetBlock
+
+
+def test_remat_block_rejects_an_unknown_value_naming_the_field_and_choices():
+  with pytest.raises(ValueError, match=r"remat must be one of none, full, dots; got 'all'"):
+    layers.remat_block(layers.AttnBlock, 'all')
+
+
+@pytest.mark.parametrize('remat, policy', [('full', jax.checkpoint_policies.nothing_saveable),
+                                           ('dots', jax.checkpoint_policies.dots_saveable)])
+def test_remat_block_wraps_the_call_in_a_checkpoint_with_the_named_policy(remat, policy,
+                                                                          remat_policies):
+  block = layers.remat_block(layers.AttnBlock, remat)()
+  x = jax.ShapeDtypeStruct((1, 2, 2, 32), jnp.float32)
+  params = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)
+  assert remat_policies(jax.make_jaxpr(block.apply)(params, x)) == [policy]
+  plain = jax.make_jaxpr(layers.AttnBlock().apply)(params, x)
+  assert remat_policies(plain) == []
+
+
+def _block_value_and_grads(call, cls, remat, params, x, *args):
+  """Loss and gradients (params, x) of remat_block(cls, remat) in training mode (dropout on)."""
+  block = layers.remat_block(cls, remat)(*args)
+  training = {} if cls is layers.AttnBlock else {'deterministic': False}  # a keyword on purpose
+
+  def loss(params, x):
+    out = block.apply({'params': params}, x, **training, rngs={'dropout': jax.random.key(7, impl='rbg')})
+    return jnp.sum(out ** 2)
+
+  return call(jax.value_and_grad(loss, argnums=(0, 1)), params, x)
+
+
+@pytest.mark.parametrize('cls, args', [(layers.ResnetBlock, (64, 0.5)), (layers.AttnBlock, ())])
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_block_keeps_params_loss_and_gradients(cls, args, remat, make_random_params,
+                                                     call_unoptimised, assert_grads_close):
+  """Same parameter tree, loss and gradients as the plain block; for ResnetBlock with dropout
+  active, so `deterministic` travels as a static argument and the dropout mask is the same."""
+  x = np.random.default_rng(6).normal(size=(2, 4, 4, 32)).astype(np.float32)
+  abstract = jax.eval_shape(cls(*args).init, jax.random.PRNGKey(0), x)['params']
+  wrapped = jax.eval_shape(layers.remat_block(cls, remat)(*args).init, jax.random.PRNGKey(0), x)
+  assert jax.tree.structure(wrapped['params']) == jax.tree.structure(abstract)
+  assert jax.tree.map(lambda a: a.shape, wrapped['params']) == jax.tree.map(lambda a: a.shape, abstract)
+  params = make_random_params(abstract)
+  expected_loss, expected_grads = _block_value_and_grads(call_unoptimised, cls, 'none', params, x, *args)
+  loss, grads = _block_value_and_grads(call_unoptimised, cls, remat, params, x, *args)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  assert_grads_close(grads, expected_grads)

@@ -128,3 +128,68 @@ def test_parameter_count_of_lsun_churches_ldm8_equals_papers_unet():
                     num_res_blocks=2, attention_resolutions=(1, 2, 4, 8), num_heads=8,
                     use_scale_shift_norm=True, resblock_updown=True)
   assert count(abstract_params(model, 32)) == 294_966_916
+
+
+# Rematerialisation (config.remat): the same network, recomputed in the backward pass.
+
+
+def blocks_in(params):
+  """Top-level entries that are a ResBlock (in_conv) or an AttentionBlock (qkv)."""
+  return [name for name, tree in params.items() if 'in_conv' in tree or 'qkv' in tree]
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_keeps_the_parameter_tree(remat):
+  expected = abstract_params(UNetModel(**TINY), 8)
+  params = abstract_params(UNetModel(**TINY, remat=remat), 8)
+  assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, expected)
+
+
+@pytest.mark.parametrize('remat, policy', [('none', None),
+                                           ('full', jax.checkpoint_policies.nothing_saveable),
+                                           ('dots', jax.checkpoint_policies.dots_saveable)])
+def test_remat_wraps_every_res_and_attention_block(remat, policy, remat_policies):
+  """One checkpoint per block (10 ResBlocks, up/down ones included, and 4 AttentionBlocks)."""
+  model = UNetModel(**TINY, remat=remat)
+  params = abstract_params(model, 8)
+  jaxpr = jax.make_jaxpr(lambda p, x, t: model.apply({'params': p}, x, t))(
+      params, jax.ShapeDtypeStruct((1, 8, 8, 4), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32))
+  expected = [] if policy is None else [policy] * len(blocks_in(params))
+  assert len(blocks_in(params)) == 14 and remat_policies(jaxpr) == expected
+
+
+def test_remat_rejects_an_unknown_value():
+  with pytest.raises(ValueError, match='remat must be one of none, full, dots'):
+    abstract_params(UNetModel(**TINY, remat='everything'), 8)
+
+
+# One level, dropout active: the smallest U-Net whose gradients cover every block kind (mid attention).
+REMAT_TINY = {**TINY, 'channel_mult': (1,), 'attention_resolutions': (), 'dropout': 0.5}
+
+
+def remat_value_and_grads(call, remat, params, x):
+  model = UNetModel(**REMAT_TINY, remat=remat)
+
+  def loss(params):
+    out = model.apply({'params': params}, x, jnp.array([7]), False,
+                      rngs={'dropout': jax.random.key(3, impl='rbg')})
+    return jnp.mean((out - x) ** 2)
+
+  return call(jax.value_and_grad(loss), params)
+
+
+@pytest.fixture(scope='module')
+def remat_reference(make_random_params, call_unoptimised):
+  """(params, x, loss, grads) of the plain U-Net in training mode."""
+  params = make_random_params(abstract_params(UNetModel(**REMAT_TINY), 4))
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 4, 4, 4)).astype(np.float32))
+  return (params, x, *remat_value_and_grads(call_unoptimised, 'none', params, x))
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots'])
+def test_remat_keeps_loss_and_gradients(remat, remat_reference, call_unoptimised,
+                                        assert_grads_close):
+  params, x, expected_loss, expected_grads = remat_reference
+  loss, grads = remat_value_and_grads(call_unoptimised, remat, params, x)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  assert_grads_close(grads, expected_grads)
