@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from latent_diffusion.errors import ConfigError, LatentDiffusionError, Preempted
+from latent_diffusion.models.layers import REMAT_POLICIES
 
 MODES = ('train', 'train_autoencoder', 'train_diffusion', 'sample', 'summary')
 # Measured on a 2-core CPU: YNNPACK's 3x3 conv weight gradient is ~2-3x slower than XLA's own.
@@ -27,6 +28,8 @@ def check_config(config) -> None:
   """Values that would otherwise fail deep inside jax: fail here with the field's name."""
   if config.mode not in MODES:
     raise ConfigError(f'mode: unknown mode {config.mode!r}; expected one of {", ".join(MODES)}')
+  if config.remat not in REMAT_POLICIES:
+    raise ConfigError(f'remat: {config.remat!r} is not one of {", ".join(REMAT_POLICIES)}')
   for name in ('autoencoder_train.batch_size', 'diffusion_train.batch_size', 'sampling.batch_size',
                'sampling.num_samples', 'sampling.num_steps', 'data.image_size', 'log_every_steps'):
     section, field = name.split('.') if '.' in name else (None, name)

@@ -27,6 +27,9 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# Start the CPU backend now: main.run in-process then never starts a jax.distributed service here.
+jax.devices()
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `configs` is a top-level package beside latent_diffusion.
   sys.path.insert(0, str(REPO_ROOT))

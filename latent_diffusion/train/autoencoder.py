@@ -28,7 +28,7 @@ def build_autoencoder(config) -> AutoencoderKL:
                        attn_resolutions=tuple(c.attn_resolutions), resolution=config.data.image_size,
                        in_channels=c.in_channels, out_ch=c.out_ch, z_channels=c.z_channels,
                        double_z=c.double_z, embed_dim=c.embed_dim, dropout=c.dropout,
-                       norm_num_groups=c.norm_num_groups,
+                       norm_num_groups=c.norm_num_groups, remat=config.remat,
                        dtype=common.activation_dtype(config))
 
 
@@ -130,6 +130,8 @@ def train(config, workdir) -> TrainState:
                                           jax.random.PRNGKey(config.seed), iterator)
   if resumed:
     logging.info('autoencoder: resumed from step %d', int(state.step))
+  logging.info('autoencoder: mesh %s, %s', dict(mesh.shape),
+               sharding.describe_param_sharding(abstract.params, shardings.params))
   logging.info('autoencoder: %d parameters, f=%d', sum(np.size(x) for x in jax.tree.leaves(abstract.params)),
                model.downsampling_factor)
 

@@ -41,7 +41,8 @@ def build_unet(config) -> UNetModel:
                    channel_mult=tuple(c.channel_mult), dropout=c.dropout, conv_resample=c.conv_resample,
                    num_heads=c.num_heads, num_head_channels=c.num_head_channels,
                    num_heads_upsample=c.num_heads_upsample, use_scale_shift_norm=c.use_scale_shift_norm,
-                   resblock_updown=c.resblock_updown, dtype=common.activation_dtype(config))
+                   resblock_updown=c.resblock_updown, remat=config.remat,
+                   dtype=common.activation_dtype(config))
 
 
 def init_params(model: UNetModel, config, rng):
@@ -182,6 +183,8 @@ def train(config, workdir) -> TrainState:
       logging.info('diffusion: scale_by_std, scale_factor = 1/std(z) = %.5f', float(scale_factor))
     state = state.replace(extras={'scale_factor': jax.device_put(
         jnp.asarray(scale_factor, jnp.float32), sharding.replicated(mesh))})
+  logging.info('diffusion: mesh %s, %s', dict(mesh.shape),
+               sharding.describe_param_sharding(abstract.params, shardings.params))
   logging.info('diffusion: %d U-Net parameters, latents %s',
                sum(np.size(x) for x in jax.tree.leaves(abstract.params)), latent_shape(config))
 

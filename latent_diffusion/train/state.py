@@ -41,27 +41,25 @@ class TrainState:
 
   def apply_gradients_if_finite(self, grads, tx: optax.GradientTransformation, loss,
                                 ema_decay_value=None) -> tuple['TrainState', jax.Array]:
-    """apply_gradients (and the EMA update, given its decay) unless the loss, a gradient or a new
-    parameter is non-finite; then params, optimizer state and EMA stay exactly as they were.
+    """apply_gradients (and the EMA update, given its decay) unless the loss, the gradients or the
+    updates hold a NaN or Inf; then params, optimizer state and EMA stay exactly as they were.
 
     The step advances either way (the batch is consumed). Returns (state, skipped). Unlike
     optax.apply_if_finite, a NaN update is never applied however many steps are skipped.
+    Finiteness is read from global norms (a NaN or Inf anywhere makes the norm non-finite): one
+    reduction per tree, where per-array checks made XLA's CPU compile ~25x slower.
     """
-    new = self.apply_gradients(grads, tx)
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    finite = (jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+              & jnp.isfinite(optax.global_norm(updates)))
+    new = self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                       opt_state=opt_state)
     if ema_decay_value is not None:
       new = new.replace(ema_params=update_ema(self.ema_params, new.params, ema_decay_value))
-    finite = all_finite((loss, grads, new.params))
     keep_new = lambda n, o: jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)
     return new.replace(params=keep_new(new.params, self.params),
                        opt_state=keep_new(new.opt_state, self.opt_state),
                        ema_params=keep_new(new.ema_params, self.ema_params)), ~finite
-
-
-def all_finite(tree) -> jax.Array:
-  """True when every floating-point value in `tree` is finite (a scalar bool)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def ema_decay(base_decay: float, num_updates: jax.Array) -> jax.Array:

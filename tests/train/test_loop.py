@@ -12,7 +12,7 @@ import pytest
 
 from configs import base
 from latent_diffusion.data import pipeline
-from latent_diffusion.errors import CheckpointError
+from latent_diffusion.errors import CheckpointError, TrainingError
 from latent_diffusion.train import loop, sharding
 from latent_diffusion.train.state import TrainState
 
@@ -178,3 +178,70 @@ def test_write_config_and_save_json_write_readable_json(tmp_path):
 def test_to_numpy_returns_host_arrays():
   out = loop.to_numpy({'a': jnp.ones((2,)), 'b': [jnp.zeros(())]})
   assert isinstance(out['a'], np.ndarray) and isinstance(out['b'][0], np.ndarray)
+
+
+def nan_from_step(first_bad, last_bad=10**9):
+  """A step whose update is skipped (nonfinite 1, params untouched) on steps first_bad..last_bad."""
+  def step(state, batch):
+    bad = (state.step + 1 >= first_bad) & (state.step + 1 <= last_bad)
+    count = jnp.where(bad, state.params['count'], state.params['count'] + batch['image'].shape[0])
+    return (state.replace(step=state.step + 1, params={'count': count}),
+            {'loss': jnp.where(bad, jnp.nan, 1.0), 'nonfinite': bad.astype(jnp.float32)})
+  return jax.jit(step)
+
+
+def run_counting(tmp_path, train_step, total_steps, max_nonfinite_steps):
+  state = TrainState.create({'count': jnp.zeros((), jnp.int32)}, optax.identity(), jax.random.PRNGKey(0))
+  checkpoints = loop.Checkpoints(tmp_path / 'ckpt', keep=None, save_every=1)
+  mesh = sharding.make_mesh(base.get_config().mesh)
+  iterator = make_iterator()
+  try:
+    return checkpoints, loop.run_steps(
+        name='test', state=state, train_step=train_step,
+        batches=(sharding.global_batch(b, mesh) for b in iterator), iterator=iterator,
+        checkpoints=checkpoints, writer=RecordingWriter(), total_steps=total_steps, log_every=1,
+        max_nonfinite_steps=max_nonfinite_steps, metrics_path=tmp_path / 'metrics.jsonl')
+  finally:
+    checkpoints.close()
+
+
+def test_fewer_consecutive_nonfinite_steps_than_the_limit_are_skipped_and_counted(tmp_path):
+  _, state = run_counting(tmp_path, nan_from_step(3, 5), total_steps=8, max_nonfinite_steps=4)
+  assert int(state.step) == 8 and int(state.params['count']) == 4 * 5  # steps 3, 4, 5 skipped
+  logged = loop.read_metrics(tmp_path / 'metrics.jsonl')
+  assert [logged[s]['nonfinite'] for s in range(1, 9)] == [0, 0, 1, 1, 1, 0, 0, 0]
+
+
+def test_k_consecutive_nonfinite_steps_stop_training_naming_the_step(tmp_path):
+  with pytest.raises(TrainingError, match=r'3 consecutive steps .* at step 6.*max_nonfinite_steps=3'):
+    run_counting(tmp_path, nan_from_step(4), total_steps=20, max_nonfinite_steps=3)
+  checkpoints = loop.Checkpoints(tmp_path / 'ckpt', keep=None, save_every=1)
+  latest = checkpoints.latest_step()
+  restored = checkpoints.restore(abstract_of(TrainState.create(
+      {'count': jnp.zeros((), jnp.int32)}, optax.identity(), jax.random.PRNGKey(0))))
+  checkpoints.close()
+  assert latest <= 7 and int(restored.params['count']) == 4 * 3  # never an applied NaN step
+
+
+def test_save_refuses_a_non_finite_state_naming_the_leaf_and_writes_nothing(checkpoints):
+  state = make_state()
+  state = state.replace(ema_params={'dense': {'kernel': state.ema_params['dense']['kernel'].at[0, 1].set(jnp.nan),
+                                              'bias': state.ema_params['dense']['bias']}})
+  with pytest.raises(TrainingError, match=r'step 5: ema_params/dense/kernel$'):
+    checkpoints.save(5, state, force=True)
+  assert checkpoints.latest_step() is None
+
+
+def test_keep_period_keeps_every_multiple_besides_the_newest(tmp_path):
+  checkpoints = loop.Checkpoints(tmp_path / 'ckpt', keep=2, save_every=1, keep_period=4)
+  for step in range(1, 11):
+    checkpoints.save(step, make_state(), force=True)
+  checkpoints.close()
+  assert checkpoints.manager.all_steps() == [4, 8, 9, 10]
+
+
+def test_read_metrics_keeps_the_last_line_of_a_step_logged_twice(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+  assert loop.read_metrics(path) == {1: {'step': 1, 'loss': 3.0}, 2: {'step': 2, 'loss': 1.5}}
+  assert loop.read_metrics(tmp_path / 'absent.jsonl') == {}

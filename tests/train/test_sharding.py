@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from latent_diffusion.errors import ConfigError
 from latent_diffusion.train import sharding
@@ -91,3 +92,32 @@ def test_eight_cpu_devices_split_mesh_and_batch():
                                'TF_CPP_MIN_LOG_LEVEL': '2', 'JAX_PLATFORMS': 'cpu'})
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.strip() == 'ok'
+
+
+def test_size_rule_shards_large_arrays_over_fsdp_on_their_largest_divisible_axis():
+  mesh = jax.sharding.Mesh(np.asarray([object()] * 4).reshape(2, 2), ('data', 'fsdp'))
+  spec = lambda shape, min_size=100: sharding.array_sharding(shape, mesh, min_size).spec
+  assert spec((3, 3, 64, 128)) == P(None, None, None, 'fsdp')   # largest divisible axis
+  assert spec((256, 64)) == P('fsdp', None)
+  assert spec((3, 3, 65, 7)) == P()                              # no axis divisible by 2
+  assert spec((64,), min_size=128) == P()                        # below the size threshold
+  assert spec(()) == P()                                         # step, scalars
+
+
+def test_state_shardings_give_a_parameter_its_moments_and_ema_the_same_sharding():
+  mesh = jax.sharding.Mesh(np.asarray([object()] * 2).reshape(1, 2), ('data', 'fsdp'))
+  kernel = jax.ShapeDtypeStruct((32, 64), np.float32)
+  state = {'params': {'k': kernel}, 'opt': ({'mu': {'k': kernel}, 'nu': {'k': kernel}},),
+           'ema': {'k': kernel}, 'count': jax.ShapeDtypeStruct((), np.int32)}
+  shardings = sharding.state_shardings(state, mesh, fsdp_min_size=1024)
+  specs = {s.spec for s in jax.tree.leaves(shardings) if s.spec != P()}
+  assert specs == {P(None, 'fsdp')}
+  assert len([s for s in jax.tree.leaves(shardings) if s.spec != P()]) == 4
+  assert shardings['count'].spec == P()
+
+
+def test_initialize_distributed_after_jax_has_started_goes_on_as_one_process():
+  jax.devices()  # the backend is up (as in a notebook)
+  sharding.initialize_distributed(ml_collections.ConfigDict(
+      {'coordinator_address': '', 'num_processes': 0, 'process_id': -1}))
+  assert jax.process_count() == 1 and not jax.distributed.is_initialized()

@@ -82,3 +82,44 @@ def test_step_rng_is_fold_in_of_step_and_differs_per_step():
   assert len({k.tobytes() for k in keys}) == 4
   # The same step of the same state gives the same key.
   np.testing.assert_array_equal(state.step_rng(), state.step_rng())
+
+
+def test_update_with_a_nan_gradient_leaves_params_optimizer_state_and_ema_unchanged():
+  tx = optax.adam(0.1)
+  state = TrainState.create(params(), tx, jax.random.PRNGKey(0), ema=True)
+  state = state.apply_gradients(jax.tree.map(jnp.ones_like, params()), tx)  # a non-trivial opt state
+  grads = jax.tree.map(jnp.ones_like, params())
+  grads['dense']['bias'] = jnp.array([jnp.nan, 1.0])
+  new, skipped = jax.jit(lambda s, g: s.apply_gradients_if_finite(g, tx, jnp.float32(1.0),
+                                                                 jnp.float32(0.5)))(state, grads)
+  assert bool(skipped) and int(new.step) == int(state.step) + 1  # the batch is consumed
+  for before, after in ((state.params, new.params), (state.opt_state, new.opt_state),
+                        (state.ema_params, new.ema_params)):
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+
+
+@pytest.mark.parametrize('bad', ['loss_nan', 'loss_inf', 'grad_inf'])
+def test_any_non_finite_loss_or_gradient_skips_the_update(bad):
+  tx = optax.sgd(0.1)
+  state = TrainState.create(params(), tx, jax.random.PRNGKey(0))
+  grads = jax.tree.map(jnp.ones_like, params())
+  loss = {'loss_nan': jnp.nan, 'loss_inf': jnp.inf}.get(bad, 1.0)
+  if bad == 'grad_inf':
+    grads['dense']['kernel'] = grads['dense']['kernel'].at[0, 0].set(jnp.inf)
+  new, skipped = state.apply_gradients_if_finite(grads, tx, jnp.float32(loss))
+  assert bool(skipped)
+  jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
+
+
+def test_finite_update_is_applied_exactly_as_apply_gradients_with_the_ema_step():
+  tx = optax.adam(0.1)
+  state = TrainState.create(params(), tx, jax.random.PRNGKey(0), ema=True)
+  grads = jax.tree.map(lambda p: 0.5 * p + 1.0, params())
+  new, skipped = state.apply_gradients_if_finite(grads, tx, jnp.float32(2.0), jnp.float32(0.75))
+  expected = state.apply_gradients(grads, tx)
+  assert not bool(skipped)
+  jax.tree.map(np.testing.assert_array_equal, new.params, expected.params)
+  jax.tree.map(np.testing.assert_array_equal, new.opt_state, expected.opt_state)
+  jax.tree.map(np.testing.assert_array_equal, new.ema_params,
+               update_ema(state.ema_params, expected.params, jnp.float32(0.75)))
+  assert not np.array_equal(new.params['dense']['kernel'], state.params['dense']['kernel'])

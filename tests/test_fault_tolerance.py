@@ -1,0 +1,192 @@
+"""Scale and reliability of both training stages, end to end on tests/tiny_config.py (16x16 images,
+4 batches of 4 per epoch): exact resume, SIGTERM preemption, SIGKILL during saves, 8 devices vs 1,
+restoring 8 devices onto 1, and two jax.distributed processes.
+
+In-process runs and `python -m latent_diffusion.main` subprocesses share the XLA flags and the
+persistent compilation cache set in conftest.py, so they run the same compiled programs and their
+results can be compared bit for bit.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import kill_loop
+import tiny_config
+from latent_diffusion import main
+from latent_diffusion.train import autoencoder, common, diffusion, loop, sharding
+
+STAGES = {'autoencoder': autoencoder, 'diffusion': diffusion}
+STEPS = 6
+
+
+def tiny(mode='train', **overrides):
+  config = tiny_config.get_config()
+  config.mode = mode
+  config.autoencoder_train.checkpoint_every_steps = 100  # only the final (or preemption) save
+  config.diffusion_train.checkpoint_every_steps = 100
+  for name, value in overrides.items():
+    section, field = name.split('__')
+    config[section][field] = value
+  return config
+
+
+def final_state(workdir, stage, config=None):
+  """The latest checkpoint of a stage, restored onto this process's single device, as numpy."""
+  config = config or tiny()
+  module = STAGES[stage]
+  model = autoencoder.build_autoencoder(config) if stage == 'autoencoder' else diffusion.build_unet(config)
+  abstract, shardings = module.abstract_state(model, config, sharding.make_mesh(config.mesh))
+  checkpoints = common.stage_checkpoints(workdir, stage)
+  try:
+    return loop.to_numpy(checkpoints.restore(loop.abstract_with_shardings(abstract, shardings)))
+  finally:
+    checkpoints.close()
+
+
+def metrics(workdir, stage):
+  """{step: logged values} without the timing, which no two runs share."""
+  return {step: {k: v for k, v in record.items() if k != 'steps_per_second'}
+          for step, record in loop.read_metrics(Path(workdir) / stage / 'metrics.jsonl').items()}
+
+
+def assert_bitwise_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def run_main(workdir, mode, overrides, extra_env=None, timeout=600):
+  result = subprocess.run(kill_loop.main_command(workdir, mode, overrides), cwd=kill_loop.REPO_ROOT,
+                          env=kill_loop.subprocess_env(extra_env), capture_output=True, text=True,
+                          timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """Both stages trained STEPS steps without interruption, on one device."""
+  workdir = tmp_path_factory.mktemp('straight')
+  main.run(tiny(), str(workdir))
+  return workdir
+
+
+# With 16 examples in batches of 4, an epoch is 4 batches. Stage 2's scale_by_std reads one batch
+# before its first step, so its epoch boundary falls after step 3.
+@pytest.mark.parametrize('stage, stop_at', [('autoencoder', 3), ('autoencoder', 4),
+                                            ('diffusion', 2), ('diffusion', 3)],
+                         ids=['stage1-mid-epoch', 'stage1-epoch-boundary',
+                              'stage2-mid-epoch', 'stage2-epoch-boundary'])
+def test_stopping_and_resuming_is_bitwise_equal_to_training_straight(straight, tmp_path, stage, stop_at):
+  workdir = tmp_path / 'resumed'
+  if stage == 'diffusion':  # the same trained stage 1
+    shutil.copytree(straight / 'autoencoder', workdir / 'autoencoder')
+  for num_steps in (stop_at, STEPS):
+    main.run(tiny(f'train_{stage}', **{f'{stage}_train__num_steps': num_steps}), str(workdir))
+  resumed, reference = final_state(workdir, stage), final_state(straight, stage)
+  assert int(resumed.step) == STEPS
+  # params, optimizer state, EMA, rng and scale factor
+  assert_bitwise_equal(resumed, reference)
+  assert sorted(metrics(workdir, stage)) == list(range(1, STEPS + 1))
+  assert metrics(workdir, stage) == metrics(straight, stage)  # every logged value of every step
+
+
+def test_sigterm_saves_exits_zero_and_the_resumed_run_equals_the_uninterrupted_one(straight, tmp_path):
+  workdir = tmp_path / 'preempted'
+  process = subprocess.Popen(
+      kill_loop.main_command(workdir, 'train_autoencoder', {'autoencoder_train.num_steps': 10000,
+                                                             'autoencoder_train.checkpoint_every_steps': 10000}),
+      cwd=kill_loop.REPO_ROOT, env=kill_loop.subprocess_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+  metrics_path = workdir / 'autoencoder' / 'metrics.jsonl'
+  deadline = time.time() + 600
+  while kill_loop.logged_steps(metrics_path) < 2 and process.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert process.poll() is None, process.communicate()[1][-3000:]
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'preempted; saved a checkpoint at step' in stderr
+  checkpoints = common.stage_checkpoints(workdir, 'autoencoder')
+  saved_step = checkpoints.latest_step()
+  checkpoints.close()
+  assert saved_step is not None and 2 <= saved_step < 10000  # saved on SIGTERM, not by schedule
+  assert max(metrics(workdir, 'autoencoder')) == saved_step  # no step ran past the save
+
+  # Resume to two steps past the preemption; compare with a run that was never interrupted.
+  config = tiny('train_autoencoder', autoencoder_train__num_steps=saved_step + 2)
+  main.run(config, str(workdir))
+  main.run(config, str(tmp_path / 'uninterrupted'))
+  assert_bitwise_equal(final_state(workdir, 'autoencoder'),
+                       final_state(tmp_path / 'uninterrupted', 'autoencoder'))
+  assert metrics(workdir, 'autoencoder') == metrics(tmp_path / 'uninterrupted', 'autoencoder')
+
+
+def test_sigkill_at_random_moments_never_leaves_a_checkpoint_that_fails_to_restore(tmp_path):
+  """The short loop; tests/kill_loop.py --kills=30 is the long one."""
+  result = kill_loop.kill_loop(tmp_path / 'killed', kills=3, seed=1, max_delay=2.0)
+  assert result['kills'] == 3 and result['failures'] == 0, result['errors']
+  assert result['restores'] == 3 and result['latest_step'] >= 1
+
+
+def test_eight_devices_match_one_device_and_restore_onto_one(straight, tmp_path):
+  """data=4 x fsdp=2 (parameters of >= 4096 values sharded) vs one device: same losses for the same
+  global batches; the 8-device checkpoint then resumes on one device."""
+  workdir = tmp_path / 'eight'
+  result = run_main(workdir, 'train',
+                    {'autoencoder_train.num_steps': 4, 'diffusion_train.num_steps': 4,
+                     'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.fsdp_min_size': 4096},
+                    extra_env={'XLA_FLAGS': os.environ['XLA_FLAGS'] +
+                               ' --xla_force_host_platform_device_count=8'})
+  assert "mesh {'data': 4, 'fsdp': 2}" in result.stderr
+  assert 'fsdp=2: 0 of' not in result.stderr  # some parameters were really sharded
+  for stage in STAGES:
+    eight, one = metrics(workdir, stage), metrics(straight, stage)
+    assert sorted(eight) == [1, 2, 3, 4]
+    for step in eight:
+      np.testing.assert_allclose(eight[step]['loss'], one[step]['loss'], rtol=2e-5,
+                                 err_msg=f'{stage} step {step}')
+
+  # Restore 8 -> 1: this process has one device; train both stages on to STEPS.
+  main.run(tiny(), str(workdir))
+  for stage in STAGES:
+    resumed, reference = final_state(workdir, stage), final_state(straight, stage)
+    assert int(resumed.step) == STEPS
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4),
+                 resumed.params, reference.params)
+    for step in (5, 6):
+      np.testing.assert_allclose(metrics(workdir, stage)[step]['loss'],
+                                 metrics(straight, stage)[step]['loss'], rtol=1e-3)
+
+
+def test_two_jax_distributed_processes_train_checkpoint_and_resume(tmp_path):
+  workdir = tmp_path / 'two'
+  for num_steps in (2, 3):
+    address = f'127.0.0.1:{sharding._free_local_port()}'  # pylint: disable=protected-access
+    processes = [subprocess.Popen(
+        kill_loop.main_command(workdir, 'train', {
+            'autoencoder_train.num_steps': num_steps, 'diffusion_train.num_steps': num_steps,
+            'distributed.coordinator_address': address, 'distributed.num_processes': 2,
+            'distributed.process_id': index}),
+        cwd=kill_loop.REPO_ROOT, env=kill_loop.subprocess_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for index in range(2)]
+    outputs = [p.communicate(timeout=900)[1] for p in processes]
+    for index, (process, stderr) in enumerate(zip(processes, outputs)):
+      assert process.returncode == 0, f'process {index}: {stderr[-3000:]}'
+      assert f'process {index} of 2' in stderr
+  for stage in STAGES:
+    assert f'{stage}: resumed from step 2' in outputs[0]
+  for stage in STAGES:
+    assert final_state(workdir, stage).step == 3
+    assert sorted(metrics(workdir, stage)) == [1, 2, 3]  # written by process 0 only, once per step
+    data_states = sorted(p.name for p in (workdir / stage / 'checkpoints' / '3' / 'data').iterdir())
+    assert len(data_states) == 2, data_states  # one grain iterator state per process
