@@ -31,7 +31,9 @@ def check_config(config) -> None:
   if config.remat not in REMAT_POLICIES:
     raise ConfigError(f'remat: {config.remat!r} is not one of {", ".join(REMAT_POLICIES)}')
   for name in ('autoencoder_train.batch_size', 'diffusion_train.batch_size', 'sampling.batch_size',
-               'sampling.num_samples', 'sampling.num_steps', 'data.image_size', 'log_every_steps'):
+               'sampling.num_samples', 'sampling.num_steps', 'data.image_size', 'log_every_steps',
+               'autoencoder_train.accumulate_grad_batches', 'diffusion_train.accumulate_grad_batches',
+               'max_nonfinite_steps'):
     section, field = name.split('.') if '.' in name else (None, name)
     value = config[section][field] if section else config[field]
     if value <= 0:

@@ -1,14 +1,15 @@
 """SIGKILL a training run at random moments, many times, and check every checkpoint left behind.
 
 Each round starts (or resumes) `python -m latent_diffusion.main` on tests/tiny_config.py, saving a
-checkpoint at every step, waits until it has trained at least one step, sleeps a random time and
+checkpoint at every step, waits until it has finished a new checkpoint, sleeps a random time and
 kills it with SIGKILL, often in the middle of an asynchronous save. Then this process restores the
 latest checkpoint (state and data iterator) as a fresh run would. A round fails if the latest
 checkpoint does not restore, or if the next round cannot resume from it.
 
   python tests/kill_loop.py --kills=30 --workdir=/tmp/kill_loop
 
-prints one JSON line: kills, kills during a save, restores, failures, the latest step.
+prints one JSON line: kills, kills during a save, kills before the first checkpoint, restores,
+failures, the latest step.
 The test suite runs a shorter loop (tests/test_fault_tolerance.py).
 """
 
@@ -44,6 +45,14 @@ def logged_steps(metrics_path) -> int:
     return 0
 
 
+def finished_steps(checkpoint_dir) -> int:
+  """The newest finalized checkpoint step in a directory (0 if none)."""
+  try:
+    return max([int(p.name) for p in Path(checkpoint_dir).iterdir() if p.name.isdigit()], default=0)
+  except FileNotFoundError:
+    return 0
+
+
 def check_restore(workdir) -> tuple[int | None, str | None]:
   """(latest step, None) if the latest stage-1 checkpoint restores with its data state, else
   (step, error)."""
@@ -75,20 +84,22 @@ def check_restore(workdir) -> tuple[int | None, str | None]:
     checkpoints.close()
 
 
-def kill_loop(workdir, kills: int, seed: int = 0, max_delay: float = 3.0, log=print) -> dict:
+def kill_loop(workdir, kills: int, seed: int = 0, max_delay: float = 4.0, log=print) -> dict:
   workdir = Path(workdir)
   rng = random.Random(seed)
-  metrics = workdir / 'autoencoder' / 'metrics.jsonl'
   checkpoint_dir = workdir / 'autoencoder' / 'checkpoints'
   overrides = {'autoencoder_train.num_steps': 100000, 'autoencoder_train.checkpoint_every_steps': 1}
-  result = {'kills': 0, 'kills_during_save': 0, 'restores': 0, 'failures': 0, 'errors': []}
+  result = {'kills': 0, 'kills_during_save': 0, 'before_first_checkpoint': 0, 'restores': 0,
+            'failures': 0, 'errors': []}
   for round_index in range(kills):
-    before = logged_steps(metrics)
+    before = finished_steps(checkpoint_dir)
     process = subprocess.Popen(main_command(workdir, 'train_autoencoder', overrides), cwd=REPO_ROOT,
                                env=subprocess_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
-    while logged_steps(metrics) <= before and process.poll() is None and time.time() < deadline:
+    # Kill only once this round has finished a new checkpoint: every round then makes progress,
+    # and the kill lands at a random moment of the following steps and saves.
+    while finished_steps(checkpoint_dir) <= before and process.poll() is None and time.time() < deadline:
       time.sleep(0.05)
     if process.poll() is not None:
       result['failures'] += 1
@@ -102,7 +113,9 @@ def kill_loop(workdir, kills: int, seed: int = 0, max_delay: float = 3.0, log=pr
     result['kills'] += 1
     result['kills_during_save'] += int(saving)
     step, error = check_restore(workdir)
-    if error is None and step is not None:
+    if error is None and step is None:
+      result['before_first_checkpoint'] += 1  # killed before any save completed: nothing to lose
+    elif error is None:
       result['restores'] += 1
     else:
       result['failures'] += 1
@@ -118,7 +131,7 @@ def main():
   parser.add_argument('--kills', type=int, default=30)
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--max_delay', type=float, default=3.0)
+  parser.add_argument('--max_delay', type=float, default=4.0)
   args = parser.parse_args()
   sys.path.insert(0, str(REPO_ROOT))
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

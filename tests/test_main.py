@@ -129,6 +129,9 @@ def test_default_config_passes_the_checks():
     (dict(autoencoder__ch=48), 'autoencoder'),           # 48 channels: not GroupNorm(32)-able
     (dict(unet__model_channels=40), 'unet'),
     (dict(data__image_size=66), 'data.image_size'),      # not divisible by f
+    (dict(remat='some'), 'remat'),
+    (dict(diffusion_train__accumulate_grad_batches=0), 'diffusion_train.accumulate_grad_batches'),
+    (dict(max_nonfinite_steps=0), 'max_nonfinite_steps'),
 ])
 def test_check_config_rejects_bad_values_naming_the_field(fields, name):
   with pytest.raises(ConfigError) as error:

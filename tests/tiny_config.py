@@ -9,12 +9,12 @@ def get_config():
   config = base.get_config()
   config.log_every_steps = 1
   config.data.image_size = 16
-  config.data.synthetic_size = 16      # 4 batches of 4 per epoch
+  config.data.synthetic_size = 16      # 2 batches of 8 per epoch
   config.autoencoder.ch = 32
   config.autoencoder.ch_mult = (1, 2)  # f = 2 -> latents 8x8x4
   config.autoencoder.num_res_blocks = 1
   config.autoencoder.attn_resolutions = (8,)
-  config.autoencoder_train.batch_size = 4
+  config.autoencoder_train.batch_size = 8  # divisible by 8 devices
   config.autoencoder_train.num_steps = 6
   config.autoencoder_train.learning_rate = 1e-3
   config.autoencoder_train.checkpoint_every_steps = 1
@@ -26,7 +26,7 @@ def get_config():
   config.unet.attention_resolutions = (2,)
   config.unet.num_heads = 2
   config.diffusion.timesteps = 100
-  config.diffusion_train.batch_size = 4
+  config.diffusion_train.batch_size = 8
   config.diffusion_train.num_steps = 6
   config.diffusion_train.learning_rate = 1e-3
   config.diffusion_train.warmup_steps = 2

@@ -54,12 +54,20 @@ def is_stage_complete(workdir, stage: str, num_steps: int) -> bool:
   return latest is not None and latest >= num_steps
 
 
-def make_batches(config, global_batch_size: int, mesh, seed_offset: int = 0):
-  """(iterator, generator of global device batches) for the config's data source."""
+def local_batch_size(global_batch_size: int, mesh) -> int:
+  """This process's share of a global batch that the mesh splits evenly."""
+  if global_batch_size % mesh.size:
+    raise ConfigError(f'batch_size {global_batch_size} is not divisible by the {mesh.size} devices '
+                      f'of the mesh {dict(mesh.shape)}')
   if global_batch_size % jax.process_count():
     raise ConfigError(f'batch_size {global_batch_size} is not divisible by the '
                       f'{jax.process_count()} processes')
-  iterator = pipeline.make_iterator(config.data, batch_size=global_batch_size // jax.process_count(),
+  return global_batch_size // jax.process_count()
+
+
+def make_batches(config, global_batch_size: int, mesh, seed_offset: int = 0):
+  """(iterator, generator of global device batches) for the config's data source."""
+  iterator = pipeline.make_iterator(config.data, batch_size=local_batch_size(global_batch_size, mesh),
                                     seed=config.seed + seed_offset)
 
   def batches():

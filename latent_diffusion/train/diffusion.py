@@ -132,7 +132,7 @@ def moment_batches(config, workdir, autoencoder, ae_params, mesh):
   local_params = jax.device_put(multihost_utils.process_allgather(ae_params, tiled=True),
                                 jax.sharding.NamedSharding(local_mesh, jax.sharding.PartitionSpec()))
   local_batch = jax.sharding.NamedSharding(local_mesh, jax.sharding.PartitionSpec('data'))
-  local_batch_size = train_config.batch_size // jax.process_count()
+  local_batch_size = common.local_batch_size(train_config.batch_size, mesh)
   cache = common.stage_dir(workdir, STAGE) / 'latents'
   latents.write_cache(
       cache, config.data, lambda images: np.asarray(encode(local_params, jax.device_put(images, local_batch))),

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from configs import base
 from latent_diffusion.train import autoencoder as stage1
@@ -63,3 +64,56 @@ def test_train_step_is_pure_and_reduces_the_loss_on_a_fixed_batch():
     losses.append(float(metrics['loss']))
   assert int(state.step) == 12
   assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_a_nan_in_the_batch_skips_the_update_and_training_goes_on():
+  config = tiny_config()
+  model = stage1.build_autoencoder(config)
+  tx = stage1.make_optimizer(config.autoencoder_train)
+  state = stage1.create_state(model, config, jax.random.PRNGKey(0), tx)
+  step = jax.jit(functools.partial(stage1.train_step, model=model, tx=tx,
+                                   loss_config=config.autoencoder_loss, deterministic=True))
+  poisoned = images(batch=4).at[1, 3, 5, 0].set(jnp.nan)
+  skipped, metrics = step(state, {'image': poisoned})
+  assert float(metrics['nonfinite']) == 1.0 and not np.isfinite(float(metrics['loss']))
+  assert int(skipped.step) == 1
+  for before, after in ((state.params, skipped.params), (state.opt_state, skipped.opt_state)):
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+  recovered, metrics = step(skipped, {'image': images(batch=4)})
+  assert float(metrics['nonfinite']) == 0.0
+  assert not np.array_equal(recovered.params['decoder']['conv_out']['kernel'],
+                            state.params['decoder']['conv_out']['kernel'])
+
+
+def test_accumulating_two_steps_applies_one_update_of_the_averaged_gradients():
+  config = tiny_config()
+  with config.unlocked():
+    config.autoencoder_train.accumulate_grad_batches = 2
+  model = stage1.build_autoencoder(config)
+  tx = stage1.make_optimizer(config.autoencoder_train)
+  state = stage1.create_state(model, config, jax.random.PRNGKey(0), tx)
+  step = jax.jit(functools.partial(stage1.train_step, model=model, tx=tx,
+                                   loss_config=config.autoencoder_loss, deterministic=True))
+  first, _ = step(state, {'image': images(seed=1, batch=2)})
+  jax.tree.map(np.testing.assert_array_equal, first.params, state.params)  # only accumulated
+  second, _ = step(first, {'image': images(seed=2, batch=2)})
+
+  # The same update by hand: Adam's first step on the mean of the two micro-batch gradients.
+  def grads(params, seed, step_index):
+    rng = jax.random.fold_in(state.rng, step_index)
+    return jax.grad(lambda p: stage1.autoencoder_loss(model, p, images(seed=seed, batch=2), rng,
+                                                      config.autoencoder_loss)[0])(params)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, grads(state.params, 1, 0), grads(state.params, 2, 1))
+  inner = stage1.make_optimizer(_without_accumulation(config.autoencoder_train))
+  updates, _ = inner.update(mean, inner.init(state.params), state.params)
+  expected = optax.apply_updates(state.params, updates)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               second.params, expected)
+  assert int(second.step) == 2
+
+
+def _without_accumulation(train_config):
+  train_config = train_config.copy_and_resolve_references()
+  with train_config.unlocked():
+    train_config.accumulate_grad_batches = 1
+  return train_config

@@ -7,11 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny_config as two_stage_config
 from configs import base
 from latent_diffusion.diffusion import schedules
 from latent_diffusion.errors import ConfigError
 from latent_diffusion.models.autoencoder import AutoencoderKL
-from latent_diffusion.train import diffusion
+from latent_diffusion.train import autoencoder as stage1
+from latent_diffusion.train import common, diffusion
 from latent_diffusion.train.state import TrainState
 
 
@@ -93,3 +95,27 @@ def test_sampler_decodes_ddim_latents_to_clipped_images_of_the_data_size(make_ra
   assert np.std(samples) > 0
   again = np.asarray(sampler(unet_params, ae_params, jnp.float32(0.5), jax.random.PRNGKey(2)))
   np.testing.assert_array_equal(samples, again)
+
+
+def test_training_from_precomputed_latents_encodes_the_dataset_once(tmp_path):
+  config = two_stage_config.get_config()
+  config.autoencoder_train.num_steps = 1
+  config.diffusion_train.num_steps = 2
+  config.diffusion_train.precompute_latents = True
+  stage1.train(config, tmp_path)
+  state = diffusion.train(config, tmp_path)
+  assert int(state.step) == 2
+  cache = tmp_path / 'diffusion' / 'latents' / 'moments-00000-of-00001.npy'
+  moments = np.load(cache)
+  assert moments.shape == (16, 2, 8, 8, 8)  # every image, unflipped and mirrored, (8, 8, 2 x 4)
+  # The cache holds the frozen encoder's moments of the images in source order.
+  model, params = stage1.load_params(config, tmp_path)
+  expected = model.apply({'params': params}, jnp.asarray(common.preview_images(config, 2)),
+                         method=model.encode_moments)
+  np.testing.assert_allclose(moments[:2, 0], expected, rtol=1e-4, atol=1e-5)
+
+  # Training on resumes from the cache without encoding again.
+  written = cache.stat().st_mtime_ns
+  config.diffusion_train.num_steps = 3
+  assert int(diffusion.train(config, tmp_path).step) == 3
+  assert cache.stat().st_mtime_ns == written
