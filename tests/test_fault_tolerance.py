@@ -80,17 +80,15 @@ def straight(tmp_path_factory):
   return workdir
 
 
-# With 16 examples in batches of 8, an epoch is 2 batches. Stage 2's scale_by_std reads one batch
-# before its first step, so its epoch boundaries fall after steps 1, 3, 5.
-@pytest.mark.parametrize('stage, stop_at', [('autoencoder', 3), ('autoencoder', 4),
-                                            ('diffusion', 2), ('diffusion', 3)],
-                         ids=['stage1-mid-epoch', 'stage1-epoch-boundary',
-                              'stage2-mid-epoch', 'stage2-epoch-boundary'])
-def test_stopping_and_resuming_is_bitwise_equal_to_training_straight(straight, tmp_path, stage, stop_at):
+# With 16 examples in batches of 8, an epoch is 2 batches. Stage 1 stops after step 3 (inside its
+# second epoch) and after step 4 (at an epoch boundary); stage 2's scale_by_std reads one batch before
+# its first step, so it stops after step 2 (inside an epoch) and step 3 (at a boundary).
+@pytest.mark.parametrize('stage, stops', [('autoencoder', (3, 4)), ('diffusion', (2, 3))])
+def test_stopping_and_resuming_is_bitwise_equal_to_training_straight(straight, tmp_path, stage, stops):
   workdir = tmp_path / 'resumed'
   if stage == 'diffusion':  # the same trained stage 1
     shutil.copytree(straight / 'autoencoder', workdir / 'autoencoder')
-  for num_steps in (stop_at, STEPS):
+  for num_steps in stops + (STEPS,):  # each run restores the last one's checkpoint
     main.run(tiny(f'train_{stage}', **{f'{stage}_train__num_steps': num_steps}), str(workdir))
   resumed, reference = final_state(workdir, stage), final_state(straight, stage)
   assert int(resumed.step) == STEPS
@@ -109,8 +107,8 @@ def test_sigterm_saves_exits_zero_and_the_resumed_run_equals_the_uninterrupted_o
       stderr=subprocess.PIPE, text=True)
   metrics_path = workdir / 'autoencoder' / 'metrics.jsonl'
   deadline = time.time() + 600
-  while kill_loop.logged_steps(metrics_path) < 2 and process.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
+  while kill_loop.logged_steps(metrics_path) < 1 and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
   assert process.poll() is None, process.communicate()[1][-3000:]
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
@@ -119,16 +117,20 @@ def test_sigterm_saves_exits_zero_and_the_resumed_run_equals_the_uninterrupted_o
   checkpoints = common.stage_checkpoints(workdir, 'autoencoder')
   saved_step = checkpoints.latest_step()
   checkpoints.close()
-  assert saved_step is not None and 2 <= saved_step < 10000  # saved on SIGTERM, not by schedule
+  assert saved_step is not None and 1 <= saved_step < 10000  # saved on SIGTERM, not by schedule
   assert max(metrics(workdir, 'autoencoder')) == saved_step  # no step ran past the save
 
-  # Resume to two steps past the preemption; compare with a run that was never interrupted.
-  config = tiny('train_autoencoder', autoencoder_train__num_steps=saved_step + 2)
-  main.run(config, str(workdir))
-  main.run(config, str(tmp_path / 'uninterrupted'))
-  assert_bitwise_equal(final_state(workdir, 'autoencoder'),
-                       final_state(tmp_path / 'uninterrupted', 'autoencoder'))
-  assert metrics(workdir, 'autoencoder') == metrics(tmp_path / 'uninterrupted', 'autoencoder')
+  # Resume past the preemption; compare with a run that was never interrupted.
+  final_step = max(STEPS, saved_step + 1)
+  reference = straight
+  if final_step > STEPS:  # the notice took unusually long to agree on: train a longer reference
+    reference = tmp_path / 'uninterrupted'
+    main.run(tiny('train_autoencoder', autoencoder_train__num_steps=final_step), str(reference))
+  main.run(tiny('train_autoencoder', autoencoder_train__num_steps=final_step), str(workdir))
+  assert_bitwise_equal(final_state(workdir, 'autoencoder'), final_state(reference, 'autoencoder'))
+  resumed_metrics, reference_metrics = metrics(workdir, 'autoencoder'), metrics(reference, 'autoencoder')
+  assert resumed_metrics == {step: reference_metrics[step] for step in resumed_metrics}
+  assert sorted(resumed_metrics) == list(range(1, final_step + 1))
 
 
 def test_sigkill_at_random_moments_never_leaves_a_checkpoint_that_fails_to_restore(tmp_path):

@@ -43,7 +43,8 @@ def stage_checkpoints(workdir, stage: str, train_config=None) -> loop.Checkpoint
   keep = train_config.keep_checkpoints if train_config else None
   every = train_config.checkpoint_every_steps if train_config else 1
   keep_period = train_config.keep_period if train_config else 0
-  return loop.Checkpoints(stage_dir(workdir, stage) / 'checkpoints', keep, every, keep_period)
+  return loop.Checkpoints(stage_dir(workdir, stage) / 'checkpoints', keep, every, keep_period,
+                          writer=train_config is not None)
 
 
 def is_stage_complete(workdir, stage: str, num_steps: int) -> bool:

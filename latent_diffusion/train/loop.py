@@ -64,17 +64,22 @@ class Checkpoints:
   the previous checkpoints intact (the temporary directory is removed on the next start).
   """
 
-  def __init__(self, directory: Path, keep: int | None, save_every: int, keep_period: int = 0):
+  def __init__(self, directory: Path, keep: int | None, save_every: int, keep_period: int = 0,
+               writer: bool = True):
     """keep: how many recent checkpoints to retain (None = all); keep_period: also keep every
-    checkpoint whose step is a multiple of it (0 = none)."""
+    checkpoint whose step is a multiple of it (0 = none). Only a writer removes the temporary
+    folders of unfinished saves (a reader must not touch a save in flight), and it does so before
+    returning, so that an error right after cannot interrupt the clean-up."""
     self.directory = Path(directory).absolute()
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period or None,
-                                             create=True, cleanup_tmp_directories=True,
+                                             create=True, cleanup_tmp_directories=writer,
                                              enable_async_checkpointing=True),
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'data': grain.checkpoint.CheckpointHandler()})
+    if writer:  # orbax runs the clean-up in the background and awaits it only at the first save
+      getattr(self.manager, '_maybe_await_cleanup_tmp_directory', lambda: None)()
     self.save_every = save_every
 
   def latest_step(self) -> int | None:
