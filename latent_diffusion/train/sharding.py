@@ -116,5 +116,6 @@ def initialize_distributed(distributed_config) -> None:
     except RuntimeError as e:  # jax already computed something (a notebook, a test): go on alone
       logging.info('single process without jax.distributed (%s); SIGTERM will not save', e)
       return
-  logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  if jax.process_count() > 1:
+    logging.info('process %d of %d, %d local / %d global devices', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
