@@ -56,12 +56,10 @@ def finished_steps(checkpoint_dir) -> int:
 def check_restore(workdir) -> tuple[int | None, str | None]:
   """(latest step, None) if the latest stage-1 checkpoint restores with its data state, else
   (step, error)."""
-  from configs import base  # pylint: disable=g-import-not-at-top
   from latent_diffusion.data import pipeline  # pylint: disable=g-import-not-at-top
   from latent_diffusion.train import autoencoder, common, loop, sharding  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(REPO_ROOT / 'tests'))
   import tiny_config  # pylint: disable=g-import-not-at-top
-  del base
   config = tiny_config.get_config()
   checkpoints = common.stage_checkpoints(workdir, autoencoder.STAGE)
   step = None

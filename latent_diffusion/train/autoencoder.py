@@ -102,14 +102,6 @@ def load_params(config, workdir, mesh=None):
   return model, state.params
 
 
-def latest_step(workdir) -> int | None:
-  """The step of the latest stage-1 checkpoint in <workdir>/autoencoder (None if there is none)."""
-  checkpoints = common.stage_checkpoints(workdir, STAGE)
-  step = checkpoints.latest_step()
-  checkpoints.close()
-  return step
-
-
 def is_complete(config, workdir) -> bool:
   return common.is_stage_complete(workdir, STAGE, config.autoencoder_train.num_steps)
 

@@ -47,11 +47,17 @@ def stage_checkpoints(workdir, stage: str, train_config=None) -> loop.Checkpoint
                           writer=train_config is not None)
 
 
+def latest_step(workdir, stage: str) -> int | None:
+  """The step of the stage's latest checkpoint (None if there is none); read-only."""
+  checkpoints = stage_checkpoints(workdir, stage)
+  step = checkpoints.latest_step()
+  checkpoints.close()
+  return step
+
+
 def is_stage_complete(workdir, stage: str, num_steps: int) -> bool:
   """True when the stage's latest checkpoint has reached num_steps."""
-  checkpoints = stage_checkpoints(workdir, stage)
-  latest = checkpoints.latest_step()
-  checkpoints.close()
+  latest = latest_step(workdir, stage)
   return latest is not None and latest >= num_steps
 
 

@@ -137,7 +137,7 @@ def moment_batches(config, workdir, autoencoder, ae_params, mesh):
   latents.write_cache(
       cache, config.data, lambda images: np.asarray(encode(local_params, jax.device_put(images, local_batch))),
       batch_size=local_batch_size,
-      fingerprint={'autoencoder_step': stage1.latest_step(workdir),
+      fingerprint={'autoencoder_step': common.latest_step(workdir, stage1.STAGE),
                    'autoencoder': config.autoencoder.to_dict()})
   iterator = latents.make_iterator(cache, batch_size=local_batch_size, seed=config.seed + 1,
                                    flip=config.data.flip)
