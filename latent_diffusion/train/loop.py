@@ -200,7 +200,7 @@ class NonFiniteGuard:
 
   def __init__(self, name: str, patience: int):
     self.name, self.patience = name, patience
-    self.consecutive, self.total, self.pending = 0, 0, None
+    self.consecutive, self.pending = 0, None
 
   def push(self, step: int, skipped) -> None:
     self.flush()
@@ -215,7 +215,6 @@ class NonFiniteGuard:
       self.consecutive = 0
       return
     self.consecutive += 1
-    self.total += 1
     logging.warning('%s step %d: non-finite loss or gradient; update skipped (%d in a row)',
                     self.name, step, self.consecutive)
     if self.consecutive >= self.patience:
