@@ -72,6 +72,7 @@ def test_sample_mode_writes_a_grid_of_decoded_images(trained_workdir):
   assert pixels.shape == (2 + 128 + 2, 2 * (128 + 2) + 2, 3)  # one row of two 128x128 images
 
 
+@pytest.mark.slow  # covered by test_fault_tolerance: resuming both stages, and train skipping stage 1
 def test_running_train_again_resumes_and_continues_from_the_last_checkpoint(trained_workdir):
   config = shrunk_churches_config('train')
   config.diffusion_train.num_steps = 3

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from configs import base
 from latent_diffusion.train import autoencoder as stage1
@@ -47,13 +48,24 @@ def test_loss_is_summed_pixel_loss_per_image_plus_weighted_kl(make_random_params
   np.testing.assert_allclose(loss, expected_rec + 1e-6 * expected_kl, rtol=1e-5)
 
 
-def test_train_step_is_pure_and_reduces_the_loss_on_a_fixed_batch():
-  config = tiny_config()
+def initial_state_and_step(config, tx=None):
+  """(model, fresh train state, jitted train step) for a config; tx defaults to the stage's own."""
   model = stage1.build_autoencoder(config)
-  tx = stage1.make_optimizer(config.autoencoder_train)
+  tx = tx or stage1.make_optimizer(config.autoencoder_train)
   state = stage1.create_state(model, config, jax.random.PRNGKey(0), tx)
   step = jax.jit(functools.partial(stage1.train_step, model=model, tx=tx,
                                    loss_config=config.autoencoder_loss, deterministic=True))
+  return model, state, step
+
+
+@pytest.fixture(scope='module')
+def tiny_state_and_step():
+  """One compiled step of tiny_config() shared by the tests that use the stage's own optimizer."""
+  return initial_state_and_step(tiny_config())[1:]
+
+
+def test_train_step_is_pure_and_reduces_the_loss_on_a_fixed_batch(tiny_state_and_step):
+  state, step = tiny_state_and_step
   batch = {'image': images(batch=4)}
   again, first_metrics = step(state, batch)
   repeat, repeat_metrics = step(state, batch)  # same inputs, same outputs: no hidden state
@@ -67,13 +79,8 @@ def test_train_step_is_pure_and_reduces_the_loss_on_a_fixed_batch():
   assert losses[-1] < 0.85 * losses[0], losses
 
 
-def test_a_nan_in_the_batch_skips_the_update_and_training_goes_on():
-  config = tiny_config()
-  model = stage1.build_autoencoder(config)
-  tx = stage1.make_optimizer(config.autoencoder_train)
-  state = stage1.create_state(model, config, jax.random.PRNGKey(0), tx)
-  step = jax.jit(functools.partial(stage1.train_step, model=model, tx=tx,
-                                   loss_config=config.autoencoder_loss, deterministic=True))
+def test_a_nan_in_the_batch_skips_the_update_and_training_goes_on(tiny_state_and_step):
+  state, step = tiny_state_and_step
   poisoned = images(batch=4).at[1, 3, 5, 0].set(jnp.nan)
   skipped, metrics = step(state, {'image': poisoned})
   assert float(metrics['nonfinite']) == 1.0 and not np.isfinite(float(metrics['loss']))
@@ -94,11 +101,8 @@ def test_accumulating_two_steps_applies_one_update_of_the_averaged_gradients():
     config.autoencoder_train.accumulate_grad_batches = 2
   assert isinstance(stage1.make_optimizer(config.autoencoder_train).init({'w': jnp.zeros(2)}),
                     optax.MultiStepsState)  # the stage's Adam is wrapped too
-  model = stage1.build_autoencoder(config)
-  tx = common.accumulate_gradients(optax.sgd(0.1), config.autoencoder_train)
-  state = stage1.create_state(model, config, jax.random.PRNGKey(0), tx)
-  step = jax.jit(functools.partial(stage1.train_step, model=model, tx=tx,
-                                   loss_config=config.autoencoder_loss, deterministic=True))
+  model, state, step = initial_state_and_step(
+      config, common.accumulate_gradients(optax.sgd(0.1), config.autoencoder_train))
   first, _ = step(state, {'image': images(seed=1, batch=2)})
   jax.tree.map(np.testing.assert_array_equal, first.params, state.params)  # only accumulated
   second, _ = step(first, {'image': images(seed=2, batch=2)})
