@@ -6,9 +6,13 @@ import os
 import shutil
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# torchvision (imported by the lpips reference) is built for CUDA torch; beside the CPU torch its
+# C++ op registrations fail at import. Its Python models (VGG16) need none of them.
+sys.modules.setdefault('torchvision._meta_registrations', types.ModuleType('torchvision._meta_registrations'))
 # The XLA flags main.py sets (and one more), so that in-process runs and `python -m latent_diffusion.main`
 # subprocesses compile the same programs (bitwise comparisons between them hold) ...
 # Tests compare values, not speed: no LLVM optimisation compiles train steps about a third faster.
