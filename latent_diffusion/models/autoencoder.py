@@ -1,4 +1,4 @@
-"""The paper's first-stage autoencoder: Encoder, Decoder and AutoencoderKL (NHWC).
+"""The paper's first-stage autoencoders: Encoder, Decoder, AutoencoderKL and VQModel (NHWC).
 
 Parameter names mirror the paper's state dict with '.' turned into '_':
 `down.1.block.0.conv1` is `down_1_block_0/conv1`, `mid.attn_1` is `mid_attn_1`.
@@ -14,6 +14,9 @@ import jax.numpy as jnp
 from latent_diffusion.models.distributions import DiagonalGaussian
 from latent_diffusion.models.layers import (AttnBlock, Downsample, ResnetBlock, Upsample, conv,
                                             group_norm, remat_block)
+from latent_diffusion.models.quantize import VectorQuantizer
+
+ATTN_TYPES = ('vanilla', 'none')  # 'none': no self-attention anywhere (the paper's vq-f4-noattn)
 
 Dtype = Any
 
@@ -32,10 +35,11 @@ class Encoder(nn.Module):
   norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
   remat: str = 'none'  # none | full | dots: rematerialisation of each ResnetBlock and AttnBlock
+  attn_type: str = 'vanilla'  # vanilla | none
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
-    resnet_block, attn_block = remat_block(ResnetBlock, self.remat), remat_block(AttnBlock, self.remat)
+    resnet_block, attn_block = remat_block(ResnetBlock, self.remat), _attention(self.attn_type, self.remat)
     h = conv(self.ch, dtype=self.dtype, name='conv_in')(x.astype(self.dtype))
     current_resolution = self.resolution
     for level, mult in enumerate(self.ch_mult):
@@ -47,7 +51,8 @@ class Encoder(nn.Module):
       if level != len(self.ch_mult) - 1:
         h = Downsample(self.resamp_with_conv, self.dtype, name=f'down_{level}_downsample')(h)
         current_resolution //= 2
-    h = _mid_block(h, self.dropout, self.norm_num_groups, self.dtype, self.remat, deterministic)
+    h = _mid_block(h, self.dropout, self.norm_num_groups, self.dtype, self.remat, self.attn_type,
+                   deterministic)
     h = nn.swish(group_norm(h, 'norm_out', num_groups=self.norm_num_groups))
     out_channels = 2 * self.z_channels if self.double_z else self.z_channels
     return conv(out_channels, dtype=self.dtype, name='conv_out')(h)
@@ -67,13 +72,15 @@ class Decoder(nn.Module):
   norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
   remat: str = 'none'  # none | full | dots: rematerialisation of each ResnetBlock and AttnBlock
+  attn_type: str = 'vanilla'  # vanilla | none
 
   @nn.compact
   def __call__(self, z, deterministic: bool = True):
-    resnet_block, attn_block = remat_block(ResnetBlock, self.remat), remat_block(AttnBlock, self.remat)
+    resnet_block, attn_block = remat_block(ResnetBlock, self.remat), _attention(self.attn_type, self.remat)
     current_resolution = self.resolution // 2 ** (len(self.ch_mult) - 1)
     h = conv(self.ch * self.ch_mult[-1], dtype=self.dtype, name='conv_in')(z.astype(self.dtype))
-    h = _mid_block(h, self.dropout, self.norm_num_groups, self.dtype, self.remat, deterministic)
+    h = _mid_block(h, self.dropout, self.norm_num_groups, self.dtype, self.remat, self.attn_type,
+                   deterministic)
     for level in reversed(range(len(self.ch_mult))):
       for block in range(self.num_res_blocks + 1):
         h = resnet_block(self.ch * self.ch_mult[level], self.dropout, norm_num_groups=self.norm_num_groups,
@@ -88,13 +95,28 @@ class Decoder(nn.Module):
     return jnp.tanh(h) if self.tanh_out else h
 
 
-def _mid_block(h, dropout, norm_num_groups, dtype, remat, deterministic):
+class _NoAttention(nn.Module):
+  """attn_type 'none': the identity where the paper puts nn.Identity instead of an AttnBlock."""
+  norm_num_groups: int = 32
+  dtype: Dtype = jnp.float32
+
+  def __call__(self, x):
+    return x
+
+
+def _attention(attn_type: str, remat: str) -> type[nn.Module]:
+  if attn_type not in ATTN_TYPES:
+    raise ValueError(f'attn_type must be one of {ATTN_TYPES}, got {attn_type!r}')
+  return remat_block(AttnBlock, remat) if attn_type == 'vanilla' else _NoAttention
+
+
+def _mid_block(h, dropout, norm_num_groups, dtype, remat, attn_type, deterministic):
   """ResnetBlock, AttnBlock, ResnetBlock at the lowest resolution; shared by both halves."""
   channels = h.shape[-1]
   block = functools.partial(remat_block(ResnetBlock, remat), channels, dropout,
                             norm_num_groups=norm_num_groups, dtype=dtype)
   h = block(name='mid_block_1')(h, deterministic=deterministic)
-  h = remat_block(AttnBlock, remat)(norm_num_groups, dtype, name='mid_attn_1')(h)
+  h = _attention(attn_type, remat)(norm_num_groups, dtype, name='mid_attn_1')(h)
   return block(name='mid_block_2')(h, deterministic=deterministic)
 
 
@@ -118,14 +140,10 @@ class AutoencoderKL(nn.Module):
   norm_num_groups: int = 32
   dtype: Dtype = jnp.float32
   remat: str = 'none'  # none | full | dots, passed to Encoder and Decoder
+  attn_type: str = 'vanilla'  # vanilla | none
 
   def setup(self):
-    common = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                  attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
-                  dropout=self.dropout, resamp_with_conv=self.resamp_with_conv,
-                  norm_num_groups=self.norm_num_groups, dtype=self.dtype, remat=self.remat)
-    self.encoder = Encoder(z_channels=self.z_channels, double_z=self.double_z, **common)
-    self.decoder = Decoder(out_ch=self.out_ch, **common)
+    self.encoder, self.decoder = _encoder_decoder(self)
     moment_channels = 2 * self.embed_dim if self.double_z else self.embed_dim
     self.quant_conv = conv(moment_channels, 1, dtype=self.dtype)
     self.post_quant_conv = conv(self.z_channels, 1, dtype=self.dtype)
@@ -145,6 +163,90 @@ class AutoencoderKL(nn.Module):
     posterior = self.encode(x, deterministic)
     z = posterior.sample(rng) if rng is not None else posterior.mode()
     return self.decode(z, deterministic), posterior
+
+  def latents_from_moments(self, moments, rng=None):
+    """What stage 2 diffuses: a posterior sample (the mode without rng). (B,h,w,embed_dim)"""
+    posterior = DiagonalGaussian(moments)
+    return posterior.sample(rng) if rng is not None else posterior.mode()
+
+  @property
+  def downsampling_factor(self) -> int:
+    return 2 ** (len(self.ch_mult) - 1)
+
+
+def _encoder_decoder(model) -> tuple[Encoder, Decoder]:
+  """The Encoder and Decoder of a first-stage model from its fields (the paper's ddconfig)."""
+  common = dict(ch=model.ch, ch_mult=tuple(model.ch_mult), num_res_blocks=model.num_res_blocks,
+                attn_resolutions=tuple(model.attn_resolutions), resolution=model.resolution,
+                dropout=model.dropout, resamp_with_conv=model.resamp_with_conv,
+                norm_num_groups=model.norm_num_groups, dtype=model.dtype, remat=model.remat,
+                attn_type=model.attn_type)
+  return (Encoder(z_channels=model.z_channels, double_z=model.double_z, **common),
+          Decoder(out_ch=model.out_ch, **common))
+
+
+class VQModel(nn.Module):
+  """Encoder -> quant_conv -> VectorQuantizer -> post_quant_conv -> Decoder.
+
+  As the paper's VQModelInterface, `encode_moments` returns the pre-quantisation latents (stage 2
+  diffuses those) and `decode` quantises before decoding unless `force_not_quantize`.
+  """
+  n_embed: int = 8192
+  embed_dim: int = 3
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 4)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = ()
+  resolution: int = 256
+  in_channels: int = 3
+  out_ch: int = 3
+  z_channels: int = 3
+  double_z: bool = False
+  dropout: float = 0.0
+  resamp_with_conv: bool = True
+  norm_num_groups: int = 32
+  beta: float = 0.25            # commitment weight (the paper's VQModel fixes 0.25)
+  legacy: bool = True           # beta on the paper's (legacy) term
+  remap: str | None = None      # .npy of used code indices, or None
+  unknown_index: Any = 'random'
+  dtype: Dtype = jnp.float32
+  remat: str = 'none'
+  attn_type: str = 'vanilla'
+
+  def setup(self):
+    self.encoder, self.decoder = _encoder_decoder(self)
+    self.quant_conv = conv(self.embed_dim, 1, dtype=self.dtype)
+    self.quantize = VectorQuantizer(self.n_embed, self.embed_dim, self.beta, self.legacy,
+                                    self.remap, self.unknown_index)
+    self.post_quant_conv = conv(self.z_channels, 1, dtype=self.dtype)
+
+  def encode_moments(self, x, deterministic: bool = True) -> jax.Array:
+    """Pre-quantisation latents. (B,h,w,embed_dim)"""
+    return self.quant_conv(self.encoder(x, deterministic)).astype(jnp.float32)
+
+  def encode(self, x, deterministic: bool = True):
+    """(quantised latents, codebook loss, indices (B,h,w))."""
+    return self.quantize(self.encode_moments(x, deterministic))
+
+  def decode(self, z, deterministic: bool = True, force_not_quantize: bool = False) -> jax.Array:
+    if not force_not_quantize:
+      z = self.quantize(z)[0]
+    return self.decoder(self.post_quant_conv(z.astype(self.dtype)), deterministic).astype(jnp.float32)
+
+  def decode_code(self, indices, deterministic: bool = True) -> jax.Array:
+    """Indices (B,h,w) -> images."""
+    return self.decode(self.quantize.lookup(indices), deterministic, force_not_quantize=True)
+
+  def __call__(self, x, rng=None, deterministic: bool = True):
+    """Returns (reconstruction, codebook loss, indices). `rng` is unused (for KL interface parity)."""
+    del rng
+    quantized, codebook_loss, indices = self.encode(x, deterministic)
+    return self.decode(quantized, deterministic, force_not_quantize=True), codebook_loss, indices
+
+  def latents_from_moments(self, moments, rng=None):
+    """What stage 2 diffuses: the pre-quantisation latents themselves."""
+    del rng
+    return moments
 
   @property
   def downsampling_factor(self) -> int:
