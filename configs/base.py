@@ -8,7 +8,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.mode = 'train'             # train | train_autoencoder | train_diffusion | sample | summary
+  config.mode = 'train'  # train | train_autoencoder | train_diffusion | sample | eval_autoencoder | convert | summary
   config.seed = 0                   # all randomness: init, data order, per-step keys
   config.dtype = 'float32'          # activation dtype: float32 | bfloat16 (parameters stay float32)
   config.log_every_steps = 50       # progress lines and TensorBoard scalars
@@ -32,9 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.source = 'synthetic'  # synthetic | folder | tfds
   config.data.path = ''             # folder source: a directory of images, searched recursively
+  config.data.eval_path = ''        # folder source: the validation images ('' = no validation split)
   config.data.label_column = 'label'  # folder source: labels.csv column for the class ('' = none)
   config.data.tfds_name = 'lsun/church_outdoor'  # tfds source: dataset name
   config.data.tfds_split = 'train'  # tfds source: split
+  config.data.tfds_eval_split = ''  # tfds source: validation split, e.g. 'validation' ('' = none)
   config.data.tfds_data_dir = ''    # tfds source: data_dir ('' = TFDS default); nothing is downloaded
   config.data.image_size = 64       # square side length fed to the autoencoder
   config.data.crop = 'center'       # center | random: crop to a square before resizing
@@ -46,8 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shuffle_buffer = 0    # unused with random-access sources; kept for streaming sources
   config.data.max_bad_fraction = 0.01  # undecodable images are skipped; above this fraction: error
 
-  # Stage 1: AutoencoderKL (the paper's ddconfig + embed_dim).
+  # Stage 1: AutoencoderKL or VQModel (the paper's ddconfig + embed_dim [+ n_embed]);
+  # configs/autoencoder/ holds every first-stage model the paper released.
   config.autoencoder = ml_collections.ConfigDict()
+  config.autoencoder.kind = 'kl'            # kl (AutoencoderKL) | vq (VQModel)
   config.autoencoder.ch = 128               # base width
   config.autoencoder.ch_mult = (1, 2, 4, 4)  # width multiplier per resolution; f = 2**(len-1)
   config.autoencoder.num_res_blocks = 2     # ResnetBlocks per resolution (decoder: +1)
@@ -59,10 +63,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.autoencoder.dropout = 0.0
   config.autoencoder.in_channels = 3
   config.autoencoder.out_ch = 3
+  config.autoencoder.attn_type = 'vanilla'  # vanilla | none (no attention at all, the paper's vq-f4-noattn)
+  config.autoencoder.n_embed = 8192         # vq: codebook size
+  config.autoencoder.beta = 0.25            # vq: commitment weight
+  config.autoencoder.legacy = True          # vq: beta on the paper's (legacy) term of the codebook loss
+  config.autoencoder.remap = ''             # vq: .npy of used code indices to remap onto ('' = none)
+  config.autoencoder.unknown_index = 'random'  # vq with remap: random | extra | an integer
 
+  # The paper's LPIPSWithDiscriminator (kl) / VQLPIPSWithDiscriminator (vq).
   config.autoencoder_loss = ml_collections.ConfigDict()
-  config.autoencoder_loss.pixel_loss = 'l1'  # l1 | l2 reconstruction loss, summed per image
-  config.autoencoder_loss.kl_weight = 1e-6   # weight of KL(q(z|x) || N(0, I))
+  config.autoencoder_loss.pixel_loss = 'l1'  # l1 | l2 per-pixel reconstruction loss
+  config.autoencoder_loss.kl_weight = 1e-6   # kl: weight of KL(q(z|x) || N(0, I))
+  config.autoencoder_loss.codebook_weight = 1.0  # vq: weight of the codebook + commitment loss
+  config.autoencoder_loss.logvar_init = 0.0  # kl: initial output log-variance (nll = rec/exp(logvar) + logvar)
+  config.autoencoder_loss.learn_logvar = False  # kl: train logvar (the paper's optimizer leaves it at init)
+  config.autoencoder_loss.perceptual_weight = 1.0  # LPIPS weight (0 = off: no VGG weights needed)
+  config.autoencoder_loss.lpips_vgg_path = ''  # torchvision vgg16 ImageNet state dict (vgg16-397923af.pth)
+  config.autoencoder_loss.lpips_heads_path = ''  # the lpips package's v0.1 linear heads (lpips/weights/v0.1/vgg.pth)
+  config.autoencoder_loss.disc_start = 50001  # first step with the adversarial loss
+  config.autoencoder_loss.disc_weight = 0.5   # times the adaptive weight |grad nll| / |grad g_loss|
+  config.autoencoder_loss.disc_factor = 1.0   # scales generator and discriminator GAN terms once started
+  config.autoencoder_loss.disc_loss = 'hinge'  # hinge | vanilla
+  config.autoencoder_loss.disc_num_layers = 3  # PatchGAN depth (NLayerDiscriminator n_layers)
+  config.autoencoder_loss.disc_ndf = 64       # PatchGAN base width
+  config.autoencoder_loss.disc_use_actnorm = False  # ActNorm instead of BatchNorm in the discriminator
 
   config.autoencoder_train = ml_collections.ConfigDict()
   config.autoencoder_train.batch_size = 12       # global batch size
@@ -77,6 +101,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.autoencoder_train.keep_period = 0  # also keep every checkpoint whose step is a multiple (0 = none)
   config.autoencoder_train.sample_every_steps = 5000  # write a reconstruction grid
   config.autoencoder_train.num_sample_images = 8
+  config.autoencoder_train.eval_every_steps = 5000  # validation PSNR/SSIM/LPIPS on the eval split (0 = off)
+
+  # Reconstruction metrics of the stage-1 model on the eval split (data.eval_path / data.tfds_eval_split;
+  # the synthetic source uses other seeds): during training and in eval_autoencoder mode.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_images = 1000     # images to reconstruct (0 = the whole split)
+  config.eval.batch_size = 16       # images per compiled call
+
+  config.convert = ml_collections.ConfigDict()
+  config.convert.source = ''        # convert mode: a paper .ckpt or diffusers weights file / folder
 
   # Stage 2: the diffusion U-Net (the paper's unet_config).
   config.unet = ml_collections.ConfigDict()

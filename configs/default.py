@@ -23,6 +23,9 @@ def get_config():
   # the small latent errors of a briefly trained U-Net (clean backgrounds instead of speckle).
   config.autoencoder_loss.kl_weight = 1e-3
   config.autoencoder_loss.pixel_loss = 'l2'       # converges faster than l1 on colours in few steps
+  # No LPIPS (it needs ImageNet VGG16 weights, which nothing here can download) and the PatchGAN
+  # starts after these 450 steps, as the paper's disc_start 50001 does after 50k: pixel loss + KL.
+  config.autoencoder_loss.perceptual_weight = 0.0
   config.autoencoder_train.batch_size = 8
   config.autoencoder_train.num_steps = 450
   config.autoencoder_train.learning_rate = 1e-3

@@ -15,7 +15,7 @@ from ml_collections import config_flags
 from latent_diffusion.errors import ConfigError, LatentDiffusionError, Preempted
 from latent_diffusion.models.layers import REMAT_POLICIES
 
-MODES = ('train', 'train_autoencoder', 'train_diffusion', 'sample', 'summary')
+MODES = ('train', 'train_autoencoder', 'train_diffusion', 'sample', 'eval_autoencoder', 'convert', 'summary')
 # Measured on a 2-core CPU: YNNPACK's 3x3 conv weight gradient is ~2-3x slower than XLA's own.
 FAST_CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 
@@ -28,12 +28,18 @@ def check_config(config) -> None:
   """Values that would otherwise fail deep inside jax: fail here with the field's name."""
   if config.mode not in MODES:
     raise ConfigError(f'mode: unknown mode {config.mode!r}; expected one of {", ".join(MODES)}')
+  for name, allowed in (('autoencoder.kind', ('kl', 'vq')), ('autoencoder.attn_type', ('vanilla', 'none')),
+                        ('autoencoder_loss.pixel_loss', ('l1', 'l2')),
+                        ('autoencoder_loss.disc_loss', ('hinge', 'vanilla'))):
+    section, field = name.split('.')
+    if config[section][field] not in allowed:
+      raise ConfigError(f'{name}: {config[section][field]!r} is not one of {", ".join(allowed)}')
   if config.remat not in REMAT_POLICIES:
     raise ConfigError(f'remat: {config.remat!r} is not one of {", ".join(REMAT_POLICIES)}')
   for name in ('autoencoder_train.batch_size', 'diffusion_train.batch_size', 'sampling.batch_size',
                'sampling.num_samples', 'sampling.num_steps', 'data.image_size', 'log_every_steps',
                'autoencoder_train.accumulate_grad_batches', 'diffusion_train.accumulate_grad_batches',
-               'max_nonfinite_steps'):
+               'max_nonfinite_steps', 'eval.batch_size'):
     section, field = name.split('.') if '.' in name else (None, name)
     value = config[section][field] if section else config[field]
     if value <= 0:
@@ -76,7 +82,7 @@ def run(config, workdir: str) -> None:
   check_config(config)
   configure_jax(config)
   # Deferred so that nothing touches jax before configure_jax.
-  from latent_diffusion import sample, summary  # pylint: disable=g-import-not-at-top
+  from latent_diffusion import evaluate, sample, summary  # pylint: disable=g-import-not-at-top
   from latent_diffusion.train import autoencoder, diffusion, loop, sharding  # pylint: disable=g-import-not-at-top
 
   if config.mode == 'summary':
@@ -85,6 +91,12 @@ def run(config, workdir: str) -> None:
   sharding.initialize_distributed(config.distributed)
   if config.mode == 'sample':
     sample.sample(config, workdir)
+    return
+  if config.mode == 'eval_autoencoder':
+    evaluate.evaluate_autoencoder(config, workdir)
+    return
+  if config.mode == 'convert':
+    autoencoder.save_converted(config, workdir)
     return
   loop.write_config(Path(workdir).absolute(), config)
   for stage, stage_mode in ((autoencoder, 'train_autoencoder'), (diffusion, 'train_diffusion')):

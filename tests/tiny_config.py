@@ -14,6 +14,9 @@ def get_config():
   config.autoencoder.ch_mult = (1, 2)  # f = 2 -> latents 8x8x4
   config.autoencoder.num_res_blocks = 1
   config.autoencoder.attn_resolutions = (8,)
+  config.autoencoder_loss.perceptual_weight = 0.0  # no VGG16 weights here
+  config.autoencoder_loss.disc_num_layers = 2  # 16x16 -> 2x2 patch logits
+  config.autoencoder_loss.disc_ndf = 16
   config.autoencoder_train.batch_size = 8  # divisible by 8 devices
   config.autoencoder_train.num_steps = 6
   config.autoencoder_train.learning_rate = 1e-3

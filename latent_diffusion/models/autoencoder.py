@@ -91,6 +91,8 @@ class Decoder(nn.Module):
         h = Upsample(self.resamp_with_conv, self.dtype, name=f'up_{level}_upsample')(h)
         current_resolution *= 2
     h = nn.swish(group_norm(h, 'norm_out', num_groups=self.norm_num_groups))
+    # The adaptive GAN weight needs gradients at conv_out's kernel: they follow from its input.
+    self.sow('intermediates', 'conv_out_input', h)
     h = conv(self.out_ch, dtype=self.dtype, name='conv_out')(h)
     return jnp.tanh(h) if self.tanh_out else h
 
@@ -164,14 +166,18 @@ class AutoencoderKL(nn.Module):
     z = posterior.sample(rng) if rng is not None else posterior.mode()
     return self.decode(z, deterministic), posterior
 
-  def latents_from_moments(self, moments, rng=None):
-    """What stage 2 diffuses: a posterior sample (the mode without rng). (B,h,w,embed_dim)"""
-    posterior = DiagonalGaussian(moments)
-    return posterior.sample(rng) if rng is not None else posterior.mode()
-
   @property
   def downsampling_factor(self) -> int:
     return 2 ** (len(self.ch_mult) - 1)
+
+
+def latents_from_moments(kind: str, moments, rng=None):
+  """What stage 2 diffuses, from `encode_moments`: kl a posterior sample (its mode without rng),
+  vq the pre-quantisation latents themselves. (B,h,w,embed_dim)"""
+  if kind == 'vq':
+    return moments
+  posterior = DiagonalGaussian(moments)
+  return posterior.sample(rng) if rng is not None else posterior.mode()
 
 
 def _encoder_decoder(model) -> tuple[Encoder, Decoder]:
@@ -242,11 +248,6 @@ class VQModel(nn.Module):
     del rng
     quantized, codebook_loss, indices = self.encode(x, deterministic)
     return self.decode(quantized, deterministic, force_not_quantize=True), codebook_loss, indices
-
-  def latents_from_moments(self, moments, rng=None):
-    """What stage 2 diffuses: the pre-quantisation latents themselves."""
-    del rng
-    return moments
 
   @property
   def downsampling_factor(self) -> int:

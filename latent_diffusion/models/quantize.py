@@ -35,6 +35,11 @@ def _remap_tables(path: str, n_embed: int, unknown_index: Any) -> tuple[np.ndarr
   return used, position, num_indices, unknown_index
 
 
+def count_indices(n_embed: int, remap: str | None, unknown_index: Any = 'random') -> int:
+  """How many distinct indices the quantiser returns: n_embed, or the remapped count."""
+  return n_embed if remap is None else _remap_tables(remap, n_embed, unknown_index)[2]
+
+
 class VectorQuantizer(nn.Module):
   """z (B,h,w,embed_dim) -> (z_q with straight-through gradient, loss, indices (B,h,w) int32).
 
@@ -76,10 +81,7 @@ class VectorQuantizer(nn.Module):
 
   @property
   def num_indices(self) -> int:
-    """How many distinct indices the quantiser returns (n_embed, or the remapped count)."""
-    if self.remap is None:
-      return self.n_embed
-    return _remap_tables(self.remap, self.n_embed, self.unknown_index)[2]
+    return count_indices(self.n_embed, self.remap, self.unknown_index)
 
   def remap_to_used(self, codes):
     if self.remap is None:

@@ -14,7 +14,7 @@ from latent_diffusion import images as image_io
 from latent_diffusion.data import latents
 from latent_diffusion.diffusion import process, samplers, schedules
 from latent_diffusion.errors import ConfigError
-from latent_diffusion.models.distributions import DiagonalGaussian
+from latent_diffusion.models.autoencoder import latents_from_moments
 from latent_diffusion.models.unet import UNetModel
 from latent_diffusion.train import autoencoder as stage1
 from latent_diffusion.train import common, loop, sharding
@@ -73,10 +73,10 @@ def diffusion_loss(model, params, latents, rng, schedule, loss_type, determinist
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, loss_type, base_ema_decay,
-               deterministic) -> tuple:
-  """One step on batch['moments'] (the stage-1 posterior); z is sampled and scaled here."""
+               deterministic, autoencoder_kind='kl') -> tuple:
+  """One step on batch['moments'] (the stage-1 encoding); z is sampled (kl) and scaled here."""
   posterior_rng, loss_rng = jax.random.split(state.step_rng())
-  latents = DiagonalGaussian(batch['moments']).sample(posterior_rng) * state.extras['scale_factor']
+  latents = latents_from_moments(autoencoder_kind, batch['moments'], posterior_rng) * state.extras['scale_factor']
   grad_fn = jax.value_and_grad(
       lambda p: diffusion_loss(model, p, latents, loss_rng, schedule, loss_type, deterministic),
       has_aux=True)
@@ -94,9 +94,9 @@ def create_state(model, config, rng, tx) -> TrainState:
                            state_rng, ema=True, extras={'scale_factor': jnp.ones((), jnp.float32)})
 
 
-def scale_factor_from_moments(moments, rng) -> jax.Array:
-  """The paper's scale_by_std: 1 / std of latents sampled from the first batch's posterior."""
-  return 1.0 / jnp.std(DiagonalGaussian(moments).sample(rng))
+def scale_factor_from_moments(moments, rng, autoencoder_kind='kl') -> jax.Array:
+  """The paper's scale_by_std: 1 / std of the first batch's latents (posterior samples for kl)."""
+  return 1.0 / jnp.std(latents_from_moments(autoencoder_kind, moments, rng))
 
 
 def make_sampler(unet: UNetModel, autoencoder, config, schedule, num_samples: int):
@@ -179,7 +179,8 @@ def train(config, workdir) -> TrainState:
       # Uses the first batch only to measure the latent std; training starts from the next one.
       first = next(batches)
       scale_factor = scale_factor_from_moments(first['moments'],
-                                               jax.random.fold_in(state.rng, SCALE_FACTOR_KEY))
+                                               jax.random.fold_in(state.rng, SCALE_FACTOR_KEY),
+                                               config.autoencoder.kind)
       logging.info('diffusion: scale_by_std, scale_factor = 1/std(z) = %.5f', float(scale_factor))
     state = state.replace(extras={'scale_factor': jax.device_put(
         jnp.asarray(scale_factor, jnp.float32), sharding.replicated(mesh))})
@@ -191,7 +192,8 @@ def train(config, workdir) -> TrainState:
   step_fn = jax.jit(
       functools.partial(train_step, model=unet, tx=tx, schedule=schedule,
                         loss_type=config.diffusion.loss_type, base_ema_decay=train_config.ema_decay,
-                        deterministic=config.unet.dropout == 0.0),
+                        deterministic=config.unet.dropout == 0.0,
+                        autoencoder_kind=config.autoencoder.kind),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   sampler = make_sampler(unet, autoencoder, config, schedule, config.sampling.batch_size)

@@ -1,4 +1,5 @@
-"""Tests for train/autoencoder.py: the stage-1 loss and a pure, learning train step."""
+"""Tests for train/autoencoder.py and train/autoencoder_loss.py: the paper's stage-1 objective
+(checked against plain autodiff of its formula), and a pure, learning train step of both networks."""
 
 import functools
 
@@ -10,16 +11,26 @@ import pytest
 
 from configs import base
 from latent_diffusion.train import autoencoder as stage1
-from latent_diffusion.train import common
+from latent_diffusion.train import autoencoder_loss, common
 
 
-def tiny_config():
+def tiny_config(kind='kl'):
   config = base.get_config()
   config.data.image_size = 16
+  config.autoencoder.kind = kind
   config.autoencoder.ch = 32
   config.autoencoder.ch_mult = (1, 2)
   config.autoencoder.num_res_blocks = 1
+  config.autoencoder.n_embed = 32
+  config.autoencoder.embed_dim = 4 if kind == 'kl' else 3
+  config.autoencoder.z_channels = 4 if kind == 'kl' else 3
+  config.autoencoder.double_z = kind == 'kl'
+  config.autoencoder_loss.perceptual_weight = 0.0
+  config.autoencoder_loss.disc_num_layers = 2
+  config.autoencoder_loss.disc_ndf = 16
+  config.autoencoder_loss.disc_start = 3
   config.autoencoder_train.learning_rate = 1e-3
+  config.autoencoder_train.num_steps = 100
   return config
 
 
@@ -27,94 +38,197 @@ def images(seed=0, batch=2):
   return jax.random.uniform(jax.random.PRNGKey(seed), (batch, 16, 16, 3), minval=-1, maxval=1)
 
 
-def test_loss_is_summed_pixel_loss_per_image_plus_weighted_kl(make_random_params):
-  config = tiny_config()
-  model = stage1.build_autoencoder(config)
-  params = make_random_params(jax.eval_shape(functools.partial(stage1.init_params, model, config),
-                                             jax.random.PRNGKey(0)))
-  x, rng = images(), jax.random.PRNGKey(1)
-  loss, metrics = jax.jit(lambda p: stage1.autoencoder_loss(model, p, x, rng, config.autoencoder_loss))(params)
+def fresh_state(config, tx=None):
+  model, discriminator = stage1.build_autoencoder(config), stage1.build_discriminator(config)
+  tx = tx or stage1.make_optimizer(config)
+  state = jax.jit(functools.partial(stage1.create_state, model, discriminator, config, tx=tx))(
+      jax.random.PRNGKey(0))
+  return model, discriminator, tx, state
+
+
+def fake_perceptual(x, y):
+  """A differentiable stand-in for LPIPS (a per-image scalar) to exercise perceptual_weight."""
+  return jnp.mean(jnp.square(jnp.tanh(2 * x) - jnp.tanh(2 * y)), axis=(1, 2, 3))
+
+
+@pytest.mark.parametrize('kind', ['kl', 'vq'])
+def test_grads_match_autodiff_of_the_papers_objective_with_the_adaptive_gan_weight(kind):
+  """The one-backward implementation against jax.grad of the formula written out: nll (+ LPIPS),
+  regulariser, d_weight from the gradients at decoder.conv_out, and the discriminator's hinge loss."""
+  config = tiny_config(kind)
+  loss_config = config.autoencoder_loss
+  with config.unlocked():
+    loss_config.perceptual_weight = 0.5
+    loss_config.pixel_loss = 'l1' if kind == 'kl' else 'l2'
+    loss_config.logvar_init = 0.3
+  model, discriminator, _, state = fresh_state(config)
+  x, rng, step = images(batch=4), jax.random.PRNGKey(5), jnp.int32(3)  # step == disc_start: GAN on
+  forward = stage1._forward(model, kind, x, rng, deterministic=True)  # pylint: disable=protected-access
+  disc_apply = stage1._disc_apply(discriminator)  # pylint: disable=protected-access
+  params, disc_params, disc_state = (state.params['autoencoder'], state.params['discriminator'],
+                                     state.extras['discriminator_state'])
+  logvar = state.params['logvar']
 
   @jax.jit
-  def reference(p):
-    reconstruction, posterior = model.apply({'params': p}, x, rng=jax.random.split(rng)[0])
-    return reconstruction, posterior.kl()
+  def ours():
+    return autoencoder_loss.generator_and_discriminator_grads(
+        forward=forward, model_params=params, logvar=logvar, disc_params=disc_params,
+        disc_state=disc_state, images=x, step=step, kind=kind, loss_config=loss_config,
+        perceptual_fn=fake_perceptual, disc_apply=disc_apply)
 
-  reconstruction, kl = reference(params)
-  expected_rec = np.abs(np.asarray(reconstruction) - np.asarray(x)).sum() / 2
-  expected_kl = np.asarray(kl).sum() / 2
-  np.testing.assert_allclose(metrics['rec_loss'], expected_rec, rtol=1e-5)
-  np.testing.assert_allclose(metrics['kl_loss'], expected_kl, rtol=1e-5)
-  np.testing.assert_allclose(loss, expected_rec + 1e-6 * expected_kl, rtol=1e-5)
+  @jax.jit
+  def reference():
+    def nll(p):
+      rec = forward(p)[0][0]
+      per_pixel = (jnp.abs(x - rec) if kind == 'kl' else jnp.square(x - rec)) + \
+          0.5 * fake_perceptual(x, rec)[:, None, None, None]
+      if kind == 'kl':
+        return jnp.sum(per_pixel / jnp.exp(logvar) + logvar) / x.shape[0]
+      return jnp.mean(per_pixel)
+
+    def g_loss(p):
+      return -jnp.mean(disc_apply(disc_params, disc_state, forward(p)[0][0])[0])
+
+    last = lambda grads: grads['decoder']['conv_out']['kernel']
+    d_weight = loss_config.disc_weight * jnp.clip(
+        jnp.linalg.norm(last(jax.grad(nll)(params)))
+        / (jnp.linalg.norm(last(jax.grad(g_loss)(params))) + 1e-4), 0.0, 1e4)
+    reg_weight = loss_config.kl_weight if kind == 'kl' else loss_config.codebook_weight
+    total = lambda p: nll(p) + reg_weight * forward(p)[0][1] + d_weight * g_loss(p)
+    _, state_after_generator = disc_apply(disc_params, disc_state, forward(params)[0][0])
+
+    def d_loss(dp):
+      rec = forward(params)[0][0]
+      real, new_state = disc_apply(dp, state_after_generator, x)
+      fake, new_state = disc_apply(dp, new_state, rec)
+      return 0.5 * (jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))), new_state
+
+    (disc_loss, final_state), disc_grads = jax.value_and_grad(d_loss, has_aux=True)(disc_params)
+    return total(params), jax.grad(total)(params), d_weight, disc_loss, disc_grads, final_state
+
+  grads, new_disc_state, loss, metrics, _, _ = ours()
+  ref_loss, ref_grads, ref_d_weight, ref_disc_loss, ref_disc_grads, ref_state = reference()
+  assert float(metrics['d_weight']) > 0 and float(metrics['disc_factor']) == 1.0
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics['d_weight'], ref_d_weight, rtol=1e-4)
+  np.testing.assert_allclose(metrics['disc_loss'], ref_disc_loss, rtol=1e-5)
+  def close(actual, expected):  # biases feeding a GroupNorm have ~0 gradients: tolerance per tree
+    scale = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(expected))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5 * scale), actual, expected)
+
+  close(grads['model'], ref_grads)
+  close(grads['discriminator'], ref_disc_grads)
+  close(new_disc_state, ref_state)
+  if kind == 'kl':  # d nll / d logvar = sum(1 - rec / exp(logvar)) / B
+    assert np.isfinite(float(grads['logvar'])) and float(grads['logvar']) != 0.0
 
 
-def initial_state_and_step(config, tx=None):
-  """(model, fresh train state, jitted train step) for a config; tx defaults to the stage's own."""
-  model = stage1.build_autoencoder(config)
-  tx = tx or stage1.make_optimizer(config.autoencoder_train)
-  state = stage1.create_state(model, config, jax.random.PRNGKey(0), tx)
-  step = jax.jit(functools.partial(stage1.train_step, model=model, tx=tx,
-                                   loss_config=config.autoencoder_loss, deterministic=True))
-  return model, state, step
+def test_before_disc_start_the_gan_terms_are_off_and_the_discriminator_gets_no_gradient():
+  config = tiny_config('kl')
+  model, discriminator, _, state = fresh_state(config)
+  x = images(batch=4)
+  forward = stage1._forward(model, 'kl', x, jax.random.PRNGKey(1), True)  # pylint: disable=protected-access
+  grads, disc_state, loss, metrics, _, _ = jax.jit(lambda step: autoencoder_loss.generator_and_discriminator_grads(
+      forward=forward, model_params=state.params['autoencoder'], logvar=state.params['logvar'],
+      disc_params=state.params['discriminator'], disc_state=state.extras['discriminator_state'],
+      images=x, step=step, kind='kl', loss_config=config.autoencoder_loss, perceptual_fn=None,
+      disc_apply=stage1._disc_apply(discriminator)))(jnp.int32(2))  # pylint: disable=protected-access
+  (rec, kl), _ = forward(state.params['autoencoder'])
+  expected = np.abs(np.asarray(rec) - np.asarray(x)).sum() / 4 + 1e-6 * float(kl)
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  assert float(metrics['d_weight']) == 0.0 and float(metrics['disc_loss']) == 0.0
+  assert all(not np.any(g) for g in jax.tree.leaves(grads['discriminator']))
+  jax.tree.map(np.testing.assert_array_equal, disc_state, state.extras['discriminator_state'])
+
+
+def compiled_step(config, model, discriminator, tx):
+  return jax.jit(functools.partial(stage1.train_step, model=model, discriminator=discriminator,
+                                   lpips_fn=None, tx=tx, config=config, deterministic=True))
 
 
 @pytest.fixture(scope='module')
-def tiny_state_and_step():
-  """One compiled step of tiny_config() shared by the tests that use the stage's own optimizer."""
-  return initial_state_and_step(tiny_config())[1:]
+def vq_state_and_step():
+  """One compiled VQ step (GAN from step 3 on) shared by the step tests."""
+  config = tiny_config('vq')
+  model, discriminator, tx, state = fresh_state(config)
+  return state, compiled_step(config, model, discriminator, tx)
 
 
-def test_train_step_is_pure_and_reduces_the_loss_on_a_fixed_batch(tiny_state_and_step):
-  state, step = tiny_state_and_step
+def test_train_step_is_pure_learns_and_trains_the_discriminator_after_disc_start(vq_state_and_step):
+  state, step = vq_state_and_step
   batch = {'image': images(batch=4)}
   again, first_metrics = step(state, batch)
   repeat, repeat_metrics = step(state, batch)  # same inputs, same outputs: no hidden state
   np.testing.assert_array_equal(first_metrics['loss'], repeat_metrics['loss'])
   jax.tree.map(np.testing.assert_array_equal, again.params, repeat.params)
-  state, losses = again, [float(first_metrics['loss'])]
+  state, losses = again, [float(first_metrics['nll_loss'])]
   for _ in range(11):
+    previous_disc = state.params['discriminator']
     state, metrics = step(state, batch)
-    losses.append(float(metrics['loss']))
+    losses.append(float(metrics['nll_loss']))
   assert int(state.step) == 12
   assert losses[-1] < 0.85 * losses[0], losses
+  assert float(metrics['d_weight']) > 0 and float(metrics['disc_grad_norm']) > 0
+  assert 1 <= float(metrics['codes_used']) <= 32 and float(metrics['perplexity']) >= 1.0
+  assert not np.array_equal(state.params['discriminator']['main_0']['kernel'], previous_disc['main_0']['kernel'])
+  assert not np.array_equal(state.extras['discriminator_state']['main_3']['mean'],
+                            repeat.extras['discriminator_state']['main_3']['mean'])
 
 
-def test_a_nan_in_the_batch_skips_the_update_and_training_goes_on(tiny_state_and_step):
-  state, step = tiny_state_and_step
+def test_a_nan_in_the_batch_skips_the_update_of_both_networks(vq_state_and_step):
+  state, step = vq_state_and_step
   poisoned = images(batch=4).at[1, 3, 5, 0].set(jnp.nan)
   skipped, metrics = step(state, {'image': poisoned})
   assert float(metrics['nonfinite']) == 1.0 and not np.isfinite(float(metrics['loss']))
   assert int(skipped.step) == 1
-  for before, after in ((state.params, skipped.params), (state.opt_state, skipped.opt_state)):
+  for before, after in ((state.params, skipped.params), (state.opt_state, skipped.opt_state),
+                        (state.extras, skipped.extras)):
     jax.tree.map(np.testing.assert_array_equal, after, before)
   recovered, metrics = step(skipped, {'image': images(batch=4)})
   assert float(metrics['nonfinite']) == 0.0
-  assert not np.array_equal(recovered.params['decoder']['conv_out']['kernel'],
-                            state.params['decoder']['conv_out']['kernel'])
+  assert not np.array_equal(recovered.params['autoencoder']['decoder']['conv_out']['kernel'],
+                            state.params['autoencoder']['decoder']['conv_out']['kernel'])
+
+
+def test_logvar_is_frozen_unless_learn_logvar():
+  for learn in (False, True):
+    config = tiny_config('kl')
+    with config.unlocked():
+      config.autoencoder_loss.learn_logvar = learn
+    tx = stage1.make_optimizer(config)
+    params = {'autoencoder': {'w': jnp.ones(2)}, 'discriminator': {'w': jnp.ones(2)}, 'logvar': jnp.zeros(())}
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert (float(updates['logvar']) != 0.0) == learn
+    assert np.all(np.asarray(updates['discriminator']['w']) != 0)
 
 
 def test_accumulating_two_steps_applies_one_update_of_the_averaged_gradients():
-  """With SGD, so that the comparison is linear: Adam would turn float noise in the ~zero gradients
-  of biases before a GroupNorm into +-lr updates."""
-  config = tiny_config()
+  """With SGD, so that the comparison is linear; before disc_start, so only the autoencoder moves."""
+  config = tiny_config('kl')
   with config.unlocked():
     config.autoencoder_train.accumulate_grad_batches = 2
-  assert isinstance(stage1.make_optimizer(config.autoencoder_train).init({'w': jnp.zeros(2)}),
-                    optax.MultiStepsState)  # the stage's Adam is wrapped too
-  model, state, step = initial_state_and_step(
-      config, common.accumulate_gradients(optax.sgd(0.1), config.autoencoder_train))
+    config.autoencoder_loss.disc_start = 1000  # beyond num_steps: the GAN branch is not compiled
+  assert isinstance(stage1.make_optimizer(config).init({'autoencoder': {}, 'discriminator': {},
+                                                        'logvar': jnp.zeros(())}),
+                    optax.MultiStepsState)  # the stage's Adams are wrapped too
+  tx = common.accumulate_gradients(optax.sgd(0.1), config.autoencoder_train)
+  model, discriminator, tx, state = fresh_state(config, tx)
+  step = compiled_step(config, model, discriminator, tx)
   first, _ = step(state, {'image': images(seed=1, batch=2)})
   jax.tree.map(np.testing.assert_array_equal, first.params, state.params)  # only accumulated
   second, _ = step(first, {'image': images(seed=2, batch=2)})
 
   @jax.jit
   def grads(params):  # the two micro-batches with the keys of steps 0 and 1
-    loss = lambda p, seed, index: stage1.autoencoder_loss(
-        model, p, images(seed=seed, batch=2), jax.random.fold_in(state.rng, index),
-        config.autoencoder_loss)[0]
+    def loss(p, seed, index):
+      x = images(seed=seed, batch=2)
+      (rec, kl), _ = stage1._forward(model, 'kl', x, jax.random.fold_in(state.rng, index), True)(p)  # pylint: disable=protected-access
+      return jnp.sum(jnp.abs(rec - x)) / 2 + 1e-6 * kl
     return jax.grad(lambda p: (loss(p, 1, 0) + loss(p, 2, 1)) / 2)(params)
 
-  expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads(state.params))
+  expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params['autoencoder'],
+                          grads(state.params['autoencoder']))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               second.params, expected)
+               second.params['autoencoder'], expected)
   assert int(second.step) == 2
