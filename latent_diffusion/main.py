@@ -56,9 +56,11 @@ def check_config(config) -> None:
   f = 2 ** (len(config.autoencoder.ch_mult) - 1)
   latent = config.data.image_size // f
   levels = 2 ** (len(config.unet.channel_mult) - 1)
-  if config.data.image_size % f or latent % levels:
-    raise ConfigError(f'data.image_size={config.data.image_size}: needs to be divisible by f={f} and the '
-                      f'latent side {latent} by 2**(len(unet.channel_mult)-1)={levels}')
+  if config.data.image_size % f:
+    raise ConfigError(f'data.image_size={config.data.image_size}: needs to be divisible by f={f}')
+  if config.mode in ('train', 'train_diffusion', 'sample') and latent % levels:
+    raise ConfigError(f'data.image_size={config.data.image_size}: the latent side {latent} needs to be '
+                      f'divisible by 2**(len(unet.channel_mult)-1)={levels}')
 
 
 class _QuietLibraries(py_logging.Filter):

@@ -1,5 +1,6 @@
 """Summary mode: build every network with jax.eval_shape, print a table, write summary.json."""
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -15,18 +16,30 @@ def count_parameters(params) -> int:
   return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params)))
 
 
+def unet_fits(config) -> bool:
+  """Whether the U-Net's levels divide the latent side (a stage-1-only config may not care)."""
+  latent_side = diffusion.latent_shape(config)[0]
+  return latent_side % 2 ** (len(config.unet.channel_mult) - 1) == 0
+
+
 def network_parameters(config) -> dict[str, dict]:
-  """{name: {'parameters': int, 'input': shape, 'parts': {child: int}}} without allocating weights."""
-  autoencoder, unet = stage1.build_autoencoder(config), diffusion.build_unet(config)
+  """{name: {'parameters': int, 'input': shape, 'parts': {child: int}}} without allocating weights:
+  the autoencoder, the PatchGAN discriminator of its loss, and the U-Net (left out when its levels
+  do not divide the latent side, as in stage-1-only configs)."""
+  autoencoder, discriminator = stage1.build_autoencoder(config), stage1.build_discriminator(config)
   size = config.data.image_size
   image = jax.ShapeDtypeStruct((1, size, size, config.autoencoder.in_channels), jnp.float32)
-  latent = jax.ShapeDtypeStruct((1,) + diffusion.latent_shape(config), jnp.float32)
-  timesteps = jax.ShapeDtypeStruct((1,), jnp.int32)
   rng = jax.random.PRNGKey(0)
   shapes = {
       'autoencoder': (jax.eval_shape(autoencoder.init, rng, image)['params'], image.shape),
-      'unet': (jax.eval_shape(unet.init, rng, latent, timesteps)['params'], latent.shape),
+      'discriminator': (jax.eval_shape(functools.partial(discriminator.init, train=False), rng,
+                                       image)['params'], image.shape),
   }
+  if unet_fits(config):
+    latent = jax.ShapeDtypeStruct((1,) + diffusion.latent_shape(config), jnp.float32)
+    timesteps = jax.ShapeDtypeStruct((1,), jnp.int32)
+    unet = diffusion.build_unet(config)
+    shapes['unet'] = (jax.eval_shape(unet.init, rng, latent, timesteps)['params'], latent.shape)
   return {name: {'parameters': count_parameters(params), 'input': list(input_shape),
                  'parts': {child: count_parameters(sub) for child, sub in params.items()}}
           for name, (params, input_shape) in shapes.items()}

@@ -1,11 +1,20 @@
 """Tests for summary.py: parameter counts without allocating weights, summary.json."""
 
+import importlib
 import json
 
 import pytest
+import torch
+from taming.modules.diffusionmodules.model import Decoder as TamingDecoder
+from taming.modules.diffusionmodules.model import Encoder as TamingEncoder
+from taming.modules.discriminator.model import NLayerDiscriminator as TamingDiscriminator
+from taming.modules.vqvae.quantize import VectorQuantizer2
 
 from configs import default, lsun_churches_f8
 from latent_diffusion import summary
+
+PAPER_FIRST_STAGES = ('kl_f4', 'kl_f8', 'kl_f16', 'kl_f32', 'vq_f4', 'vq_f4_noattn', 'vq_f8',
+                      'vq_f8_n256', 'vq_f16')
 
 # Counts of the paper's own modules (CompVis/latent-diffusion: ldm.models.autoencoder.AutoencoderKL
 # with the kl-f8 ddconfig, openaimodel.UNetModel with lsun_churches-ldm-kl-8's unet_config),
@@ -47,8 +56,39 @@ def test_summarize_prints_a_table_and_writes_integer_counts(tmp_path, capsys):
   counts = summary.summarize(config, tmp_path / 'work')
   written = json.loads((tmp_path / 'work' / 'summary.json').read_text())
   assert written == counts
-  assert set(written) == {'autoencoder', 'unet'}
+  assert set(written) == {'autoencoder', 'discriminator', 'unet'}
   assert all(isinstance(v, int) and v > 0 for v in written.values())
   output = capsys.readouterr().out
   assert f'{counts["unet"]:,}' in output and f'{counts["autoencoder"]:,}' in output
   assert 'summary.json' in output
+
+
+def taming_first_stage(config) -> torch.nn.Module:
+  """The paper's first-stage model and its loss's discriminator for a config, assembled from the
+  taming-transformers modules that the paper's code uses (on the meta device: shapes only)."""
+  c, kind = config.autoencoder, config.autoencoder.kind
+  ddconfig = dict(ch=c.ch, out_ch=c.out_ch, ch_mult=tuple(c.ch_mult), num_res_blocks=c.num_res_blocks,
+                  attn_resolutions=tuple(c.attn_resolutions), in_channels=c.in_channels,
+                  resolution=config.data.image_size, z_channels=c.z_channels)
+  double = 2 if kind == 'kl' else 1
+  with torch.device('meta'):
+    model = torch.nn.ModuleDict({
+        'encoder': TamingEncoder(double_z=c.double_z, **ddconfig), 'decoder': TamingDecoder(**ddconfig),
+        'quant_conv': torch.nn.Conv2d(double * c.z_channels, double * c.embed_dim, 1),
+        'post_quant_conv': torch.nn.Conv2d(c.embed_dim, c.z_channels, 1)})
+    if kind == 'vq':
+      model['quantize'] = VectorQuantizer2(c.n_embed, c.embed_dim, beta=0.25)
+    discriminator = TamingDiscriminator(input_nc=3, ndf=config.autoencoder_loss.disc_ndf,
+                                        n_layers=config.autoencoder_loss.disc_num_layers)
+  if c.attn_type == 'none':  # the paper's make_attn(..., 'none') is an nn.Identity
+    model.encoder.mid.attn_1 = model.decoder.mid.attn_1 = torch.nn.Identity()
+  return model, discriminator
+
+
+@pytest.mark.parametrize('name', PAPER_FIRST_STAGES)
+def test_every_paper_first_stage_config_builds_with_the_papers_parameter_count(name):
+  config = importlib.import_module(f'configs.autoencoder.{name}').get_config()
+  networks = summary.network_parameters(config)
+  model, discriminator = taming_first_stage(config)
+  assert networks['autoencoder']['parameters'] == sum(p.numel() for p in model.parameters())
+  assert networks['discriminator']['parameters'] == sum(p.numel() for p in discriminator.parameters())
