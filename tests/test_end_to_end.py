@@ -1,8 +1,6 @@
-"""Both stages, sampling and resuming through main.run, on the churches config with its widths shrunk.
-
-The TFDS path of configs/lsun_churches_f8.py is exercised with tfds.testing.mock_data; the network
-structure (KL-f8: four resolutions; U-Net: five levels with attention at ds 1,2,4,8) is the paper's,
-only narrower, at 128x128 so that the 16x16 latent passes through all five U-Net levels.
+"""Both stages, sampling and resuming through main.run on a TFDS source (tfds.testing.mock_data):
+tests/tiny_config.py by default; the churches config with its widths shrunk as a slow test (its
+network structure, KL-f8 and a five-level U-Net at 128x128, is the paper's, only narrower).
 """
 
 import json
@@ -12,8 +10,21 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+import tiny_config
 from configs import lsun_churches_f8
 from latent_diffusion import main
+
+
+def tiny_tfds_config(mode: str):
+  config = tiny_config.get_config()
+  config.mode = mode
+  config.data.source = 'tfds'
+  config.data.tfds_name = 'lsun/church_outdoor'
+  config.autoencoder_train.num_steps = 2
+  config.autoencoder_train.sample_every_steps = 2
+  config.autoencoder_train.num_sample_images = 2
+  config.diffusion_train.num_steps = 2
+  return config
 
 
 def shrunk_churches_config(mode: str):
@@ -21,6 +32,7 @@ def shrunk_churches_config(mode: str):
   config.mode = mode
   config.data.image_size = 128
   config.autoencoder.ch = 32
+  config.autoencoder_loss.perceptual_weight = 0.0  # no VGG16 weights here
   config.unet.model_channels = 32
   config.unet.num_heads = 2
   config.autoencoder_train.batch_size = 2
@@ -43,38 +55,53 @@ def checkpoint_steps(directory):
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-@pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('churches')
+def train_and_check_both_stages(workdir, make_config, size):
   with tfds.testing.mock_data(num_examples=16):
-    main.run(shrunk_churches_config('train'), str(workdir))
-  return workdir
-
-
-def test_train_writes_both_stages_checkpoints_events_samples_and_configs(trained_workdir):
+    main.run(make_config('train'), str(workdir))
   for stage in ('autoencoder', 'diffusion'):
-    directory = trained_workdir / stage
+    directory = workdir / stage
     assert checkpoint_steps(directory / 'checkpoints')[-1] == 2
     assert list(directory.glob('events.out.tfevents.*'))
     config = json.loads((directory / 'config.json').read_text())
     assert config['data']['source'] == 'tfds' and config['unet']['model_channels'] == 32
-  grid = Image.open(next((trained_workdir / 'autoencoder' / 'samples').glob('reconstructions_*.png')))
-  assert grid.size[1] > 2 * 128  # inputs above reconstructions
-  assert (trained_workdir / 'config.json').exists()
+  grid = Image.open(next((workdir / 'autoencoder' / 'samples').glob('reconstructions_*.png')))
+  assert grid.size[1] > 2 * size  # inputs above reconstructions
+  assert (workdir / 'config.json').exists()
+
+
+def sample_and_check_the_grid(workdir, make_config, size):
+  with tfds.testing.mock_data(num_examples=16):
+    main.run(make_config('sample'), str(workdir))
+  grids = list((workdir / 'diffusion' / 'samples').glob('sample_step2_ddim*.png'))
+  assert len(grids) == 1
+  pixels = np.asarray(Image.open(grids[0]))
+  assert pixels.shape == (2 + size + 2, 2 * (size + 2) + 2, 3)  # one row of two images
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('tiny_tfds')
+  train_and_check_both_stages(workdir, tiny_tfds_config, 16)
+  return workdir
+
+
+def test_train_writes_both_stages_checkpoints_events_samples_and_configs(trained_workdir):
+  assert (trained_workdir / 'diffusion' / 'metrics.jsonl').exists()
 
 
 def test_sample_mode_writes_a_grid_of_decoded_images(trained_workdir):
-  with tfds.testing.mock_data(num_examples=16):
-    main.run(shrunk_churches_config('sample'), str(trained_workdir))
-  grids = list((trained_workdir / 'diffusion' / 'samples').glob('sample_step2_ddim2_*.png'))
-  assert len(grids) == 1
-  pixels = np.asarray(Image.open(grids[0]))
-  assert pixels.shape == (2 + 128 + 2, 2 * (128 + 2) + 2, 3)  # one row of two 128x128 images
+  sample_and_check_the_grid(trained_workdir, tiny_tfds_config, 16)
+
+
+@pytest.mark.slow  # the same run as the two tests above, with the paper's (narrowed) churches networks
+def test_churches_config_trains_both_stages_and_samples(tmp_path):
+  train_and_check_both_stages(tmp_path, shrunk_churches_config, 128)
+  sample_and_check_the_grid(tmp_path, shrunk_churches_config, 128)
 
 
 @pytest.mark.slow  # covered by test_fault_tolerance: resuming both stages, and train skipping stage 1
 def test_running_train_again_resumes_and_continues_from_the_last_checkpoint(trained_workdir):
-  config = shrunk_churches_config('train')
+  config = tiny_tfds_config('train')
   config.diffusion_train.num_steps = 3
   with tfds.testing.mock_data(num_examples=16):
     main.run(config, str(trained_workdir))
