@@ -32,6 +32,8 @@ def get_config():
   config.autoencoder_train.warmup_steps = 50
   config.autoencoder_train.checkpoint_every_steps = 225
   config.autoencoder_train.sample_every_steps = 225
+  config.autoencoder_train.eval_every_steps = 450  # PSNR/SSIM on 256 held-out synthetic images
+  config.eval.num_images = 256
 
   config.unet.model_channels = 32
   config.unet.channel_mult = (1, 2, 4)
