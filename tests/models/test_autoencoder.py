@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from flax import traverse_util
 
-from latent_diffusion.models.autoencoder import AutoencoderKL
+from latent_diffusion.models.autoencoder import AutoencoderKL, VQModel
 
 
 def count(params):
@@ -313,3 +313,15 @@ def test_remat_keeps_loss_and_gradients(remat, remat_reference, call_unoptimised
   loss, grads = remat_value_and_grads(call_unoptimised, remat, params, x)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
   assert_grads_close(grads, expected_grads)
+
+
+@pytest.mark.parametrize('ch_mult,factor', [((1,), 1), ((1, 2), 2)])
+def test_kl_and_vq_models_at_f1_and_f2_build_and_reconstruct_at_the_right_latent_size(ch_mult, factor):
+  x = jnp.zeros((1, 8, 8, 3))
+  for model in (AutoencoderKL(ch=32, ch_mult=ch_mult, num_res_blocks=1, resolution=8, z_channels=3, embed_dim=3),
+                VQModel(n_embed=8, embed_dim=3, ch=32, ch_mult=ch_mult, num_res_blocks=1, resolution=8)):
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    latents = jax.eval_shape(lambda v, m=model: m.apply(v, x, method=m.encode_moments), variables)
+    reconstruction = jax.eval_shape(lambda v, m=model: m.apply(v, x)[0], variables)
+    assert model.downsampling_factor == factor
+    assert latents.shape[1:3] == (8 // factor, 8 // factor) and reconstruction.shape == x.shape
