@@ -233,3 +233,19 @@ def test_accumulating_two_steps_applies_one_update_of_the_averaged_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                second.params['autoencoder'], expected)
   assert int(second.step) == 2
+
+
+def test_actnorm_discriminator_initialises_from_real_images_and_keeps_no_running_statistics():
+  config = tiny_config('kl')
+  with config.unlocked():
+    config.autoencoder_loss.disc_use_actnorm = True
+  model, discriminator = stage1.build_autoencoder(config), stage1.build_discriminator(config)
+  real = images(seed=7, batch=4)
+  state = stage1.create_state(model, discriminator, config, jax.random.PRNGKey(0),
+                              stage1.make_optimizer(config), disc_init_images=real)
+  assert state.extras['discriminator_state'] == {}
+  first_norm = state.params['discriminator']['main_3']
+  assert not np.allclose(first_norm['scale'], 1.0) and not np.allclose(first_norm['loc'], 0.0)
+  logits, disc_state = stage1._disc_apply(discriminator)(  # pylint: disable=protected-access
+      state.params['discriminator'], state.extras['discriminator_state'], real)
+  assert logits.shape == (4, 2, 2, 1) and disc_state == {}
