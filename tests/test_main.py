@@ -23,6 +23,11 @@ CASES = {
     'unknown_mode': ['--config.mode=bogus'],
     'missing_data_path': ['--config.data.source=folder', '--config.data.path=/nonexistent/images'],
     'summary': ['--config.mode=summary'],
+    'lpips_unset': ['--config.mode=train_autoencoder', '--config.autoencoder_loss.perceptual_weight=1.0'],
+    'missing_vgg': ['--config.mode=train_autoencoder', '--config.autoencoder_loss.perceptual_weight=1.0',
+                    '--config.autoencoder_loss.lpips_vgg_path=/nonexistent/vgg16-397923af.pth',
+                    '--config.autoencoder_loss.lpips_heads_path=/nonexistent/vgg.pth'],
+    'missing_checkpoint': ['--config.mode=convert', '--config.convert.source=/nonexistent/model.ckpt'],
 }
 
 
@@ -85,12 +90,28 @@ def test_missing_data_path_is_one_line_naming_it_with_exit_2(cli):
   assert_one_line_error(result, 'data.path', '/nonexistent/images')
 
 
+def test_lpips_without_its_weights_configured_is_one_line_naming_the_field_with_exit_2(cli):
+  result, _ = cli['lpips_unset']
+  assert_one_line_error(result, 'autoencoder_loss.lpips_vgg_path', 'perceptual_weight=0')
+
+
+def test_missing_vgg_weights_is_one_line_naming_the_path_with_exit_2(cli):
+  result, _ = cli['missing_vgg']
+  assert_one_line_error(result, '/nonexistent/vgg16-397923af.pth')
+
+
+def test_converting_a_missing_checkpoint_is_one_line_naming_it_with_exit_2(cli):
+  result, workdir = cli['missing_checkpoint']
+  assert_one_line_error(result, '/nonexistent/model.ckpt')
+  assert not list((workdir / 'autoencoder' / 'checkpoints').glob('[0-9]*'))
+
+
 def test_summary_mode_writes_integer_parameter_counts(cli):
   result, workdir = cli['summary']
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr
   counts = json.loads((workdir / 'summary.json').read_text())
-  assert set(counts) == {'autoencoder', 'unet'}
+  assert set(counts) == {'autoencoder', 'discriminator', 'unet'}
   assert all(isinstance(v, int) and v > 0 for v in counts.values())
   assert f'{counts["unet"]:,}' in result.stdout
 

@@ -83,6 +83,12 @@ def make_perceptual(config, required: bool = False):
   if loss_config.perceptual_weight <= 0 and not required:
     return None, None
   from latent_diffusion.models import lpips  # pylint: disable=g-import-not-at-top
+  for field, expected in (('lpips_vgg_path', "torchvision's vgg16-397923af.pth"),
+                          ('lpips_heads_path', "the lpips package's weights/v0.1/vgg.pth")):
+    if not loss_config[field]:
+      raise ConfigError(f'autoencoder_loss.{field}: not set; LPIPS (perceptual_weight='
+                        f'{loss_config.perceptual_weight}) needs {expected}, which nothing here can '
+                        'download (or set autoencoder_loss.perceptual_weight=0)')
   params = lpips.load_lpips_params(loss_config.lpips_vgg_path, loss_config.lpips_heads_path)
   model = lpips.LPIPS(dtype=common.activation_dtype(config))
   return (lambda p, x, y: model.apply({'params': p}, x, y).reshape(x.shape[0])), params
