@@ -36,7 +36,7 @@ def get_config():
   train.checkpoint_every_steps = 100
   train.sample_every_steps = 100
   train.eval_every_steps = 100
-  config.eval.num_images = 1000
+  config.eval.num_images = 250     # periodic validation; eval_autoencoder: --config.eval.num_images=0 for all
   config.eval.batch_size = 50
   config.log_every_steps = 10
   return config
