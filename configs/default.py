@@ -1,6 +1,6 @@
 """The embedded default: both stages on the built-in synthetic shapes, sized for 2 CPU cores.
 
-The whole `train` mode (stage 1, then stage 2, then a DDIM sample grid) took 13 min 32 s on
+The whole `train` mode (stage 1, then stage 2, then a DDIM sample grid) takes about 14 min on
 2 CPU cores (AMD EPYC, jax 0.10.2). Same architecture as the paper's models, at small width: a KL-f4
 autoencoder (64x64x3 -> 16x16x4) and an openaimodel U-Net with attention at 8x8 and 4x4.
 """
