@@ -80,7 +80,7 @@ class Evaluator:
     self.mesh = mesh or sharding.make_mesh(config.mesh)
     self.lpips_fn, self.lpips_params = perceptual
     self.data_config = eval_data_config(config)
-    source = pipeline.make_source(self.data_config)
+    source = self.split_source = pipeline.make_source(self.data_config)
     if config.eval.num_images:
       source = _First(source, config.eval.num_images)
     self.source, self.num_images = source, len(source)
@@ -162,9 +162,10 @@ def evaluate_autoencoder(config, workdir) -> dict:
     perceptual = stage1.make_perceptual(config, required=True)
   else:
     logging.info('eval_autoencoder: LPIPS skipped (autoencoder_loss.lpips_vgg_path is not set)')
-  results = Evaluator(config, model, perceptual, mesh)(params)
+  evaluator = Evaluator(config, model, perceptual, mesh)
+  results = evaluator(params)
   results['step'] = common.latest_step(workdir, stage1.STAGE)
-  results['split'] = pipeline.describe(eval_data_config(config))
+  results['split'] = pipeline.describe(evaluator.data_config, evaluator.split_source)
   path = common.stage_dir(workdir, stage1.STAGE) / 'eval.json'
   loop.save_json(path, results)
   logging.info('eval_autoencoder: %s; wrote %s', describe(results), path)

@@ -64,10 +64,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
     learning_rate = optax.linear_schedule(0.0, learning_rate, train_config.warmup_steps)
   adam = lambda: optax.adam(learning_rate, b1=train_config.adam_b1, b2=train_config.adam_b2)
   learn_logvar = config.autoencoder_loss.learn_logvar
-  labels = lambda params: {name: jax.tree.map(lambda _, n=name: n, subtree) for name, subtree in {
-      'autoencoder': params['autoencoder'], 'discriminator': params['discriminator'],
-      'logvar': params['logvar']}.items()} | {
-          'logvar': 'autoencoder' if learn_logvar else 'frozen'}
+  labels = lambda params: {
+      'autoencoder': jax.tree.map(lambda _: 'autoencoder', params['autoencoder']),
+      'discriminator': jax.tree.map(lambda _: 'discriminator', params['discriminator']),
+      'logvar': 'autoencoder' if learn_logvar else 'frozen'}
   tx = optax.multi_transform({'autoencoder': adam(), 'discriminator': adam(),
                               'frozen': optax.set_to_zero()}, labels)
   return common.accumulate_gradients(tx, train_config)
@@ -136,7 +136,6 @@ def train_step(state: TrainState, batch: dict, lpips_params=None, *, model, disc
       perceptual_fn=lpips_fn and functools.partial(lpips_fn, lpips_params),
       disc_apply=_disc_apply(discriminator),
       use_gan=config.autoencoder_loss.disc_start < config.autoencoder_train.num_steps)
-  grads = {'autoencoder': grads['model'], 'discriminator': grads['discriminator'], 'logvar': grads['logvar']}
   new_state, skipped = state.apply_gradients_if_finite(grads, tx, loss)
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skipped, b, a), new, old)
   new_state = new_state.replace(extras={
@@ -213,9 +212,8 @@ def save_converted(config, workdir) -> int:
     state = jax.jit(functools.partial(create_state, model, build_discriminator(config), config, tx=tx),
                     out_shardings=shardings)(jax.random.PRNGKey(config.seed))
     params = jax.device_put(params, shardings.params['autoencoder'])
+    # Adam's fresh state depends only on shapes, so create_state's opt_state fits these params too.
     state = state.replace(params={**state.params, 'autoencoder': params},
-                          opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(
-                              {**state.params, 'autoencoder': params}),
                           step=jnp.asarray(config.autoencoder_train.num_steps, jnp.int32))
     step = config.autoencoder_train.num_steps
     checkpoints.save(step, state, force=True)

@@ -83,7 +83,8 @@ def generator_and_discriminator_grads(
     use_gan: False when disc_start lies beyond the run: the GAN branch is then not even compiled.
 
   Returns:
-    (grads {'model', 'logvar', 'discriminator'}, new disc_state, loss, metrics, reconstructions, aux)
+    (grads {'autoencoder', 'logvar', 'discriminator'} (the train state's params layout), new disc_state,
+     loss, metrics, reconstructions, aux)
   """
   (reconstructions, reg), pullback, (conv_out_input, kernel_shape, aux) = jax.vjp(
       forward, model_params, has_aux=True)
@@ -134,5 +135,5 @@ def generator_and_discriminator_grads(
   loss = nll + reg_weight * reg + gan_metrics.pop('gan_term')
   metrics.update(gan_metrics, loss=loss, nll_loss=nll,
                  **({'kl_loss': reg, 'logvar': logvar} if kind == 'kl' else {'quant_loss': reg}))
-  grads = {'model': model_grads, 'logvar': logvar_grad, 'discriminator': disc_grads}
+  grads = {'autoencoder': model_grads, 'logvar': logvar_grad, 'discriminator': disc_grads}
   return grads, disc_state, loss, metrics, reconstructions, aux

@@ -121,7 +121,7 @@ def test_kl_grads_match_autodiff_of_the_papers_objective_with_the_adaptive_gan_w
     scale = max(float(np.abs(leaf).max()) for leaf in jax.tree.leaves(expected))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5 * scale), actual, expected)
 
-  close(grads['model'], ref_grads)
+  close(grads['autoencoder'], ref_grads)
   close(grads['discriminator'], ref_disc_grads)
   close(new_disc_state, ref_state)
 

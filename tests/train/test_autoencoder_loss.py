@@ -128,7 +128,7 @@ def assert_trees_close(actual, expected, rtol=2e-3, atol_fraction=1e-5):
 def test_autoencoder_gradients_equal_the_papers(torch_and_jax_step):
   torch_side, jax_side, abstract = torch_and_jax_step
   expected = convert.params_from_paper_state_dict(torch_side['model_grads'], abstract)
-  assert_trees_close(jax_side['grads']['model'], expected)
+  assert_trees_close(jax_side['grads']['autoencoder'], expected)
 
 
 def test_discriminator_gradients_and_running_statistics_equal_the_papers(torch_and_jax_step):
