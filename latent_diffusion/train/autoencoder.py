@@ -196,7 +196,7 @@ def save_converted(config, workdir) -> int:
   (config.convert.source) become a complete stage-1 checkpoint in <workdir>/autoencoder, at step
   autoencoder_train.num_steps, with a fresh discriminator and optimizer. Refuses to touch a
   workdir that already holds stage-1 checkpoints."""
-  from latent_diffusion import convert  # pylint: disable=g-import-not-at-top
+  from latent_diffusion.convert import autoencoder as convert  # pylint: disable=g-import-not-at-top
   if not config.convert.source:
     raise ConfigError('convert.source: not set; give a paper .ckpt or a diffusers weights file or folder')
   checkpoints = common.stage_checkpoints(workdir, STAGE, config.autoencoder_train)

@@ -15,7 +15,7 @@ from taming.modules.losses import vqperceptual
 from taming.modules.vqvae.quantize import VectorQuantizer2
 
 from configs import base
-from latent_diffusion import convert
+from latent_diffusion.convert import autoencoder as convert
 from latent_diffusion.models.discriminator import discriminator_params_from_state_dict
 from latent_diffusion.models.lpips import LPIPS, lpips_params_from_state_dicts
 from latent_diffusion.train import autoencoder as stage1

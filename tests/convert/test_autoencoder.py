@@ -1,4 +1,4 @@
-"""Tests for convert.py: diffusers and paper-layout (taming-transformers) checkpoints, converted and
+"""Tests for convert/autoencoder.py: diffusers and paper-layout (taming-transformers) checkpoints, converted and
 run beside the PyTorch models they came from; errors."""
 
 import math
@@ -15,7 +15,7 @@ from taming.modules.diffusionmodules.model import Decoder as TamingDecoder
 from taming.modules.diffusionmodules.model import Encoder as TamingEncoder
 from taming.modules.vqvae.quantize import VectorQuantizer2
 
-from latent_diffusion import convert
+from latent_diffusion.convert import autoencoder as convert
 from latent_diffusion.errors import CheckpointError
 from latent_diffusion.models.autoencoder import AutoencoderKL, VQModel
 
