@@ -4,13 +4,15 @@
 pipeline.make_dataset) once through the pipeline in source order, centre
 cropped, unflipped, and stores what `encode_fn` returns, the posterior moments
 concat(mean, logvar); with data.flip it also stores the moments of the mirrored
-image, so training from the cache still flips. `make_iterator` streams batches
-{'moments': float32 (B, h, w, 2c)} from that file with a checkpointable grain
-state, like pipeline.make_iterator.
+image, so training from the cache still flips. With `with_labels` it also keeps
+each image's class label. `make_iterator` streams batches
+{'moments': float32 (B, h, w, 2c)} (+ 'label' int32 (B,)) from that file with a
+checkpointable grain state, like pipeline.make_iterator.
 
 Files in the cache directory, per process i of n:
   moments-{i:05d}-of-{n:05d}.npy   float32 (N_i, V, h, w, 2c); V = 2 with flip
                                    (variant 1 = mirrored image), else 1
+  labels-{i:05d}-of-{n:05d}.npy    int32 (N_i,), the class labels (with_labels)
   moments-{i:05d}-of-{n:05d}.json  fingerprint, data fields, counts, shape;
                                    written last, so it marks a complete file
 
@@ -52,6 +54,11 @@ def cache_paths(directory, process_index, process_count):
   stem = f'moments-{process_index:05d}-of-{process_count:05d}'
   directory = Path(directory)
   return directory / f'{stem}.npy', directory / f'{stem}.json'
+
+
+def labels_path(moments_path):
+  """The labels .npy beside a moments .npy."""
+  return moments_path.with_name(moments_path.name.replace('moments-', 'labels-', 1))
 
 
 def data_fields(data_config):
@@ -135,7 +142,8 @@ def _encode_padded(encode_fn, images, batch_size):
 
 
 def write_cache(directory, data_config, encode_fn, *, batch_size,
-                process_index=None, process_count=None, fingerprint):
+                process_index=None, process_count=None, fingerprint,
+                with_labels=False):
   """Encodes this process's slice into `directory` unless already there.
 
   Args:
@@ -149,6 +157,8 @@ def write_cache(directory, data_config, encode_fn, *, batch_size,
     fingerprint: JSON-serialisable dict naming what the moments depend on
       beyond the data (e.g. the autoencoder checkpoint step); a cache built
       with another fingerprint is rebuilt.
+    with_labels: also store each example's 'label' (the source must have
+      labels); a cache without them is rebuilt.
 
   Returns:
     The path of this process's moments file.
@@ -163,7 +173,7 @@ def write_cache(directory, data_config, encode_fn, *, batch_size,
   expected = _jsonable({
       'fingerprint': fingerprint, 'data': data_fields(data_config),
       'process_index': process_index, 'process_count': process_count,
-      'count': count, 'variants': variants})
+      'count': count, 'variants': variants, 'labels': bool(with_labels)})
   if _is_current(path, meta_path, expected):
     logging.info('latents: using the cache %s (%d examples)', path, count)
     return path
@@ -178,26 +188,37 @@ def write_cache(directory, data_config, encode_fn, *, batch_size,
   if meta_path.exists():
     meta_path.unlink()  # A file mid-rewrite must not look complete.
 
+  labels = [] if with_labels else None
+
   def write_moments(tmp):
     moments = _encode_all(
         tmp, _image_batches(data_config, batch_size, process_index,
                             process_count, source),
         encode_fn, batch_size, count, variants,
-        pipeline.describe(data_config, source))
+        pipeline.describe(data_config, source), labels)
     expected['shape'] = list(moments.shape)
     moments.flush()
     del moments
 
   _write_atomic(path, write_moments)
+  if with_labels:
+    _write_atomic(labels_path(path), lambda tmp: _save_npy(
+        tmp, np.concatenate(labels).astype(np.int32)))
   _write_atomic(meta_path,
                 lambda tmp: tmp.write_text(json.dumps(expected, indent=2)))
   logging.info('latents: wrote %s, %s', path, expected['shape'])
   return path
 
 
+def _save_npy(path, array):
+  with open(path, 'wb') as f:
+    np.save(f, array)
+
+
 def _encode_all(tmp, batches, encode_fn, batch_size, count, variants,
-                description):
-  """Fills a new .npy memmap at tmp with the moments of every batch."""
+                description, labels=None):
+  """Fills a new .npy memmap at tmp with the moments of every batch; appends
+  each batch's labels to `labels` unless it is None."""
   num_batches = -(-count // batch_size)
   log_every = max(1, num_batches // 10)
   logging.info('latents: encoding %d examples%s of %s', count,
@@ -206,6 +227,11 @@ def _encode_all(tmp, batches, encode_fn, batch_size, count, variants,
   moments, start, begin = None, 0, time.perf_counter()
   for number, batch in enumerate(batches, 1):
     images = batch['image']
+    if labels is not None:
+      if 'label' not in batch:
+        raise errors.DataError(f'{description}: has no class labels to cache '
+                               '(conditioning on labels needs them)')
+      labels.append(np.asarray(batch['label']))
     encoded = [_encode_padded(encode_fn, images, batch_size)]
     if variants == 2:
       mirrored = np.ascontiguousarray(images[:, :, ::-1])
@@ -228,17 +254,30 @@ def _encode_all(tmp, batches, encode_fn, batch_size, count, variants,
 
 
 class MomentsSource:
-  """Random access to one process's cached moments: (V, h, w, 2c) rows."""
+  """Random access to one process's cached moments: {'moments': (V, h, w, 2c)}
+  rows, with 'label' when the cache holds labels."""
 
   def __init__(self, path, meta_path):
     self.path = path
     self.moments, self.meta = _open_moments(path, meta_path)
+    self.labels = None
+    if self.meta.get('labels'):
+      try:
+        self.labels = np.load(labels_path(path))
+      except (OSError, ValueError) as e:
+        raise errors.DataError(f'latent cache labels {labels_path(path)} cannot be read: {e}') from e
+      if self.labels.shape != (len(self),):
+        raise errors.DataError(f'latent cache labels {labels_path(path)} hold {self.labels.shape}, '
+                               f'expected ({len(self)},)')
 
   def __len__(self):
     return self.moments.shape[0]
 
   def __getitem__(self, index):
-    return np.array(self.moments[index])
+    row = {'moments': np.array(self.moments[index])}
+    if self.labels is not None:
+      row['label'] = self.labels[index]
+    return row
 
 
 class PickVariant(grain.transforms.RandomMap):
@@ -249,7 +288,7 @@ class PickVariant(grain.transforms.RandomMap):
 
   def random_map(self, element, rng):
     mirrored = self.flip and rng.random() < 0.5
-    return {'moments': element[1 if mirrored else 0]}
+    return dict(element, moments=element['moments'][1 if mirrored else 0])
 
 
 def make_dataset(directory, *, batch_size, seed, flip, shuffle=True,
@@ -267,7 +306,8 @@ def make_dataset(directory, *, batch_size, seed, flip, shuffle=True,
     process_count: number of slices; default jax.process_count().
 
   Returns:
-    A grain IterDataset of {'moments': float32 (B, h, w, 2c)}.
+    A grain IterDataset of {'moments': float32 (B, h, w, 2c)} (+ 'label'
+    int32 (B,) when the cache holds labels).
   """
   if batch_size <= 0:
     raise errors.ConfigError(f'batch_size must be positive, got {batch_size}')

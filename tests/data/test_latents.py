@@ -249,3 +249,28 @@ def test_cache_of_another_process_count_is_not_read(config, tmp_path):
   with pytest.raises(errors.DataError, match='of-00002'):
     latents.make_iterator(tmp_path, batch_size=4, seed=0, flip=True,
                           process_index=0, process_count=2)
+
+
+def test_cache_with_labels_keeps_each_examples_label_beside_its_moments(config, tmp_path):
+  path = write(tmp_path, config, with_labels=True)
+  config_unflipped = config.copy_and_resolve_references()
+  config_unflipped.flip = False
+  source_labels = next(pipeline.make_iterator(
+      config_unflipped, batch_size=SIZE, seed=0, shuffle=False, num_epochs=1,
+      process_index=0, process_count=1))['label']
+  np.testing.assert_array_equal(np.load(latents.labels_path(path)), source_labels)
+  cached = np.load(path)
+  iterator = latents.make_iterator(tmp_path, batch_size=4, seed=0, flip=True,
+                                   process_index=0, process_count=1)
+  for _ in range(3):
+    batch = next(iterator)
+    rows = find_rows([batch['moments']], cached)
+    np.testing.assert_array_equal(batch['label'], source_labels[[i for i, _ in rows]])
+
+
+def test_a_cache_without_labels_is_rebuilt_when_labels_are_asked_for(config, tmp_path):
+  write(tmp_path, config)
+  encoder = Encoder()
+  path = write(tmp_path, config, encoder=encoder, with_labels=True)
+  assert encoder.calls > 0
+  assert latents.labels_path(path).exists()
