@@ -1,10 +1,20 @@
-"""Tests for diffusion/schedules.py against diffusers' DDPMScheduler and the paper's formulas."""
+"""Tests for diffusion/schedules.py against diffusers' DDPMScheduler and the paper's own
+make_beta_schedule and register_schedule (the `ldm` package, PyTorch)."""
+
+import ast
+import importlib.util
+import pathlib
+import types
+from functools import partial
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
+import torch
 from diffusers import DDPMScheduler
+from ldm.modules.diffusionmodules.util import make_beta_schedule
+from ldm.util import exists
 
 from latent_diffusion.diffusion import schedules
 
@@ -124,3 +134,54 @@ def test_schedule_from_config_uses_the_diffusion_fields():
                                           linear_start=1e-3, linear_end=3e-2, cosine_s=8e-3))
   schedule = schedules.schedule_from_config(config)
   np.testing.assert_allclose(schedule.betas, np.linspace(1e-3, 3e-2, 100), rtol=1e-6)
+
+
+# Parity with the paper's code, run live.
+
+
+@pytest.mark.parametrize('name,timesteps,start,end,cosine_s', [
+    ('linear', 777, 0.00085, 0.012, 8e-3),
+    ('sqrt_linear', 500, 2e-4, 3e-2, 8e-3),
+    ('sqrt', 300, 5e-5, 4e-3, 8e-3),
+    ('cosine', 640, 1e-4, 2e-2, 1.5e-2),
+])
+def test_betas_equal_papers_make_beta_schedule(name, timesteps, start, end, cosine_s):
+  ours = schedules.make_betas(name, timesteps, start, end, cosine_s)
+  paper = np.asarray(make_beta_schedule(name, timesteps, linear_start=start, linear_end=end,
+                                        cosine_s=cosine_s))
+  assert ours.dtype == np.float64 and paper.dtype == np.float64 and ours.shape == (timesteps,)
+  np.testing.assert_allclose(ours, paper, rtol=1e-12, atol=0)
+
+
+LDM_DDPM = pathlib.Path(importlib.util.find_spec('ldm').origin).parent / 'models/diffusion/ddpm.py'
+
+
+def papers_register_schedule():
+  """DDPM.register_schedule compiled from the `ldm` package's source: importing its module needs
+  pytorch_lightning and a working torchvision."""
+  tree = ast.parse(LDM_DDPM.read_text())
+  cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == 'DDPM')
+  fn = next(node for node in cls.body
+            if isinstance(node, ast.FunctionDef) and node.name == 'register_schedule')
+  namespace = dict(np=np, torch=torch, partial=partial, make_beta_schedule=make_beta_schedule,
+                   exists=exists)
+  exec(compile(ast.Module(body=[fn], type_ignores=[]), str(LDM_DDPM), 'exec'), namespace)
+  return namespace['register_schedule']
+
+
+@pytest.mark.parametrize('name,v_posterior', [('linear', 0.0), ('linear', 0.2), ('cosine', 0.5),
+                                              ('sqrt_linear', 0.1)])
+def test_schedule_arrays_equal_papers_register_schedule(name, v_posterior):
+  paper = torch.nn.Module()
+  paper.parameterization, paper.v_posterior = 'eps', v_posterior
+  types.MethodType(papers_register_schedule(), paper)(
+      beta_schedule=name, timesteps=250, linear_start=3e-4, linear_end=2.5e-2, cosine_s=1e-2)
+  ours = schedules.make_schedule(schedules.make_betas(name, 250, 3e-4, 2.5e-2, 1e-2), v_posterior)
+  fields = [field for field in ours.__dataclass_fields__]
+  assert set(fields) <= set(dict(paper.named_buffers()))
+  for field in fields:
+    expected = getattr(paper, field).numpy()
+    assert expected.dtype == np.float32
+    # Both compute in float64 and store float32: equal up to float32 rounding.
+    np.testing.assert_allclose(getattr(ours, field), expected, rtol=1e-6, atol=0, err_msg=field)
+  assert paper.num_timesteps == ours.num_timesteps == 250
