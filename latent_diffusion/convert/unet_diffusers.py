@@ -45,7 +45,7 @@ _COMMON_SETTINGS = {
     'norm_num_groups': (32,),     # GroupNorm32 everywhere
     'norm_eps': (1e-5,),
     'downsample_padding': (1,),   # 0 pads asymmetrically
-    'mid_block_scale_factor': (1, 1.0),
+    'mid_block_scale_factor': (1,),
     'class_embed_type': (None,),  # num_class_embeds alone is the paper's label_emb
 }
 _SETTINGS = {
@@ -61,7 +61,7 @@ _SETTINGS = {
         'timestep_post_act': (None,), 'time_cond_proj_dim': (None,), 'conv_in_kernel': (3,),
         'conv_out_kernel': (3,), 'attention_type': ('default',), 'class_embeddings_concat': (False,),
         'cross_attention_norm': (None,), 'resnet_skip_time_act': (False,),
-        'resnet_out_scale_factor': (1, 1.0)},
+        'resnet_out_scale_factor': (1,)},
 }
 # Structural settings left out of a config take diffusers' defaults.
 _DEFAULTS = {
@@ -185,8 +185,11 @@ def load_diffusers_unet(path: str | Path) -> tuple[dict, Any]:
   try:
     config = json.loads((folder / 'config.json').read_text())
   except (OSError, ValueError) as error:
-    raise ConfigError(f'{folder / "config.json"}: cannot be read as JSON ({error})') from None
-  kwargs = unet_kwargs_from_diffusers_config(config)
+    raise CheckpointError(f'{folder / "config.json"} cannot be read as JSON: {error}') from None
+  try:
+    kwargs = unet_kwargs_from_diffusers_config(config)
+  except ConfigError as error:
+    raise ConfigError(f'{folder / "config.json"}: {error}') from None
   file = next(folder / name for name in _DIFFUSERS_FILES if (folder / name).is_file())
   state_dict = torch_files.load_state_dict(file)
   try:

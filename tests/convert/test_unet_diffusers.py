@@ -54,6 +54,16 @@ UNET_2D_CONDITION_CONFIGS = {
 }
 
 
+@pytest.fixture(scope='module', autouse=True)
+def single_torch_thread():
+  """PyTorch on one thread: these models are small, and with two threads on a busy 2-core machine
+  a tiny forward pass took seconds (threads waiting on each other) instead of ~0.1 s."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
+
+
 def diffusers_config(module):
   return {'_class_name': type(module).__name__, **module.config}
 
@@ -254,6 +264,15 @@ def test_diffusers_folder_loads_as_the_live_model_converts(unet_2d, tmp_path, sa
   loaded_kwargs, loaded = convert.load_diffusers_unet(tmp_path)
   assert loaded_kwargs == kwargs
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_folder_config_we_cannot_represent_is_a_config_error_naming_the_file(unet_2d, tmp_path):
+  module, _, _ = unet_2d
+  module.save_pretrained(tmp_path)
+  config = json.loads((tmp_path / 'config.json').read_text())
+  (tmp_path / 'config.json').write_text(json.dumps({**config, 'flip_sin_to_cos': False}))
+  with pytest.raises(ConfigError, match=re.escape(f'{tmp_path / "config.json"}: ') + '.*flip_sin_to_cos'):
+    convert.load_diffusers_unet(tmp_path)
 
 
 def test_folder_without_weights_is_a_checkpoint_error(tmp_path):
