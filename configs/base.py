@@ -111,6 +111,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.convert = ml_collections.ConfigDict()
   config.convert.source = ''        # convert mode: a paper .ckpt or diffusers weights file / folder
+  config.convert.stage = 'autoencoder'  # autoencoder | diffusion (the U-Net, + first stage of a full LDM .ckpt)
+  config.convert.use_ema = True     # diffusion from a paper .ckpt: take the EMA copy (model_ema.*) when present
 
   # Stage 2: the diffusion U-Net (the paper's unet_config).
   config.unet = ml_collections.ConfigDict()
@@ -125,6 +127,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.unet.resblock_updown = True        # resample inside ResBlocks instead of plain convs
   config.unet.conv_resample = True          # plain resampling with a 3x3 conv
   config.unet.dropout = 0.0
+  config.unet.in_channels = 0               # 0 = latent channels + concat-conditioning channels
+  config.unet.num_classes = 0               # label embedding added to the time embedding (adm); 0 = none
+  config.unet.use_spatial_transformer = False  # SpatialTransformer (self + cross-attention) for attention
+  config.unet.transformer_depth = 1         # BasicTransformerBlocks per SpatialTransformer
+  config.unet.context_dim = 0               # cross-attention context width (with the spatial transformer)
+  config.unet.legacy = True                 # the paper's head-count rules (legacy: true in its configs)
+  config.unet.use_new_attention_order = False  # fused qkv split as [q|k|v] x heads instead of heads x [q|k|v]
+  config.unet.n_embed = 0                   # predict codebook ids (id_predictor head); 0 = off
+  config.unet.attention_impl = 'auto'       # auto | einsum | xla | cudnn: attention kernel (auto = fastest measured)
+
+  # The conditioning model (the paper's cond_stage_config); issue-8 encoders extend it.
+  config.cond_stage = ml_collections.ConfigDict()
+  config.cond_stage.kind = ''               # '' (none) | class: ClassEmbedder, labels -> (B, 1, embed_dim) context
+  config.cond_stage.n_classes = 1000        # class: embedding rows (include a null class for guidance)
+  config.cond_stage.embed_dim = 512         # class: embedding width (= unet.context_dim)
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.timesteps = 1000
@@ -132,8 +149,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion.linear_start = 0.0015
   config.diffusion.linear_end = 0.0155
   config.diffusion.cosine_s = 8e-3
-  config.diffusion.parameterization = 'eps'  # what the U-Net predicts
+  config.diffusion.v_posterior = 0.0         # posterior variance = (1 - v) beta_tilde + v beta
+  config.diffusion.parameterization = 'eps'  # what the U-Net predicts: eps | x0 | v
   config.diffusion.loss_type = 'l1'          # l1 | l2
+  config.diffusion.l_simple_weight = 1.0     # weight of the simple loss
+  config.diffusion.original_elbo_weight = 0.0  # weight of the VLB term (lvlb_weights[t] x simple loss)
+  config.diffusion.learn_logvar = False      # learn a per-timestep log-variance: loss / exp(logvar_t) + logvar_t
+  config.diffusion.logvar_init = 0.0         # its initial value
+  config.diffusion.conditioning_key = ''     # '' (unconditional) | concat | crossattn | hybrid | adm
+  config.diffusion.cond_drop_prob = 0.0      # training: replace the condition by the null condition (guidance)
+  config.diffusion.clip_denoised = False     # DDPM sampler: clip x0 predictions to [-1, 1]
   config.diffusion.scale_by_std = True       # scale_factor = 1/std of the first batch's latents
   config.diffusion.scale_factor = 1.0        # used as is when scale_by_std is False
 
@@ -154,9 +179,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampling = ml_collections.ConfigDict()
   config.sampling.num_samples = 16   # images per grid in sample mode
   config.sampling.batch_size = 16    # images per compiled sampler call
-  config.sampling.num_steps = 50     # DDIM steps
+  config.sampling.sampler = 'ddim'   # ddim | ddpm | plms | dpm_solver (DPM-Solver++(2M))
+  config.sampling.num_steps = 50     # sampler steps (ddpm may take all diffusion.timesteps, the paper's chain)
   config.sampling.eta = 0.0          # DDIM eta (0 = deterministic)
-  config.sampling.spacing = 'uniform'  # DDIM timestep spacing: uniform | quad
+  config.sampling.spacing = 'uniform'  # timestep spacing: uniform | quad | leading | trailing | linspace
+  config.sampling.guidance_scale = 1.0  # classifier-free guidance (1 = conditional only; needs a null class)
+  config.sampling.class_label = -1   # class-conditional models: the class of every sample (-1 = cycle classes)
   config.sampling.use_ema = True     # sample with the EMA weights of the U-Net
   config.sampling.seed = 0           # sample-mode noise seed
 

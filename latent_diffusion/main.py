@@ -30,7 +30,15 @@ def check_config(config) -> None:
     raise ConfigError(f'mode: unknown mode {config.mode!r}; expected one of {", ".join(MODES)}')
   for name, allowed in (('autoencoder.kind', ('kl', 'vq')), ('autoencoder.attn_type', ('vanilla', 'none')),
                         ('autoencoder_loss.pixel_loss', ('l1', 'l2')),
-                        ('autoencoder_loss.disc_loss', ('hinge', 'vanilla'))):
+                        ('autoencoder_loss.disc_loss', ('hinge', 'vanilla')),
+                        ('diffusion.parameterization', ('eps', 'x0', 'v')), ('diffusion.loss_type', ('l1', 'l2')),
+                        ('diffusion.beta_schedule', ('linear', 'cosine', 'sqrt_linear', 'sqrt')),
+                        ('diffusion.conditioning_key', ('', 'concat', 'crossattn', 'hybrid', 'adm')),
+                        ('cond_stage.kind', ('', 'class')),
+                        ('sampling.sampler', ('ddim', 'ddpm', 'plms', 'dpm_solver')),
+                        ('sampling.spacing', ('uniform', 'quad', 'leading', 'trailing', 'linspace')),
+                        ('unet.attention_impl', ('auto', 'einsum', 'xla', 'cudnn')),
+                        ('convert.stage', ('autoencoder', 'diffusion'))):
     section, field = name.split('.')
     if config[section][field] not in allowed:
       raise ConfigError(f'{name}: {config[section][field]!r} is not one of {", ".join(allowed)}')
@@ -44,9 +52,11 @@ def check_config(config) -> None:
     value = config[section][field] if section else config[field]
     if value <= 0:
       raise ConfigError(f'{name}: must be positive, got {value}')
-  if not 0 < config.sampling.num_steps < config.diffusion.timesteps:
-    raise ConfigError(f'sampling.num_steps: must be in [1, diffusion.timesteps), got '
-                      f'{config.sampling.num_steps}')
+  # DDPM may walk the whole chain; the others' spacings need a step below T.
+  most_steps = config.diffusion.timesteps - (config.sampling.sampler != 'ddpm')
+  if not 0 < config.sampling.num_steps <= most_steps:
+    raise ConfigError(f'sampling.num_steps: must be in [1, {most_steps}] for sampling.sampler='
+                      f'{config.sampling.sampler!r}, got {config.sampling.num_steps}')
   for section in ('autoencoder', 'unet'):
     widths = ([config.autoencoder.ch * m for m in config.autoencoder.ch_mult] if section == 'autoencoder'
               else [config.unet.model_channels * m for m in config.unet.channel_mult])
@@ -61,6 +71,9 @@ def check_config(config) -> None:
   if config.mode in ('train', 'train_diffusion', 'sample') and latent % levels:
     raise ConfigError(f'data.image_size={config.data.image_size}: the latent side {latent} needs to be '
                       f'divisible by 2**(len(unet.channel_mult)-1)={levels}')
+  if config.mode in ('train', 'train_diffusion', 'sample', 'summary'):
+    from latent_diffusion.train import conditioning  # pylint: disable=g-import-not-at-top
+    conditioning.check(config, needs_data=config.mode != 'summary')
 
 
 class _QuietLibraries(py_logging.Filter):

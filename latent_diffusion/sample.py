@@ -1,4 +1,4 @@
-"""Sample mode: restore both stages, draw latents with DDIM, decode once, write a grid."""
+"""Sample mode: restore both stages, draw latents with the configured sampler, decode once, write a grid."""
 
 
 import jax
@@ -6,7 +6,6 @@ import numpy as np
 from absl import logging
 
 from latent_diffusion import images as image_io
-from latent_diffusion.diffusion import schedules
 from latent_diffusion.errors import CheckpointError
 from latent_diffusion.train import autoencoder as stage1
 from latent_diffusion.train import common, diffusion, loop, sharding
@@ -16,28 +15,34 @@ def sample(config, workdir):
   """Write config.sampling.num_samples images as a grid to <workdir>/diffusion/samples/."""
   mesh = sharding.make_mesh(config.mesh)
   autoencoder, ae_params = stage1.load_params(config, workdir, mesh)
-  unet = diffusion.build_unet(config)
+  model = diffusion.build_denoiser(config)
   checkpoints = common.stage_checkpoints(workdir, diffusion.STAGE)
   step = checkpoints.latest_step()
   if step is None:
     raise CheckpointError(f'no diffusion checkpoint in {checkpoints.directory}; '
                           'train stage 2 first (--config.mode=train_diffusion)')
-  abstract, shardings = diffusion.abstract_state(unet, config, mesh)
+  abstract, shardings = diffusion.abstract_state(model, config, mesh)
   state = checkpoints.restore(loop.abstract_with_shardings(abstract, shardings))
   checkpoints.close()
   params = state.ema_params if config.sampling.use_ema else state.params
 
   sampling = config.sampling
-  sampler = diffusion.make_sampler(unet, autoencoder, config, schedules.schedule_from_config(config.diffusion),
-                                   sampling.batch_size)
+  sampler = diffusion.make_sampler(model, autoencoder, config, diffusion.schedule_from_config(config))
+  conditions = diffusion.sample_conditions(config, sampling.num_samples)
   rng = jax.random.PRNGKey(sampling.seed)
   batches = []
-  for index in range(-(-sampling.num_samples // sampling.batch_size)):
+  for index, start in enumerate(range(0, sampling.num_samples, sampling.batch_size)):
+    # The last batch is padded to the full batch size: one compiled shape for the whole grid.
+    batch_conditions = jax.tree.map(lambda c: np.resize(np.asarray(c[start:start + sampling.batch_size]),
+                                                        (sampling.batch_size,) + c.shape[1:]), conditions)
     batches.append(np.asarray(sampler(params, ae_params, state.extras['scale_factor'],
-                                      jax.random.fold_in(rng, index))))
+                                      jax.random.fold_in(rng, index), batch_conditions,
+                                      num_samples=sampling.batch_size, num_steps=sampling.num_steps)))
   samples = np.concatenate(batches)[:sampling.num_samples]
-  name = f'sample_step{step}_ddim{sampling.num_steps}_eta{sampling.eta:g}_seed{sampling.seed}.png'
-  path = image_io.save_grid(common.stage_dir(workdir, diffusion.STAGE) / 'samples' / name, samples)
+  name = f'sample_step{step}_{diffusion.sampler_tag(config)}_seed{sampling.seed}'
+  if config.sampling.class_label >= 0:
+    name += f'_class{config.sampling.class_label}'
+  path = image_io.save_grid(common.stage_dir(workdir, diffusion.STAGE) / 'samples' / f'{name}.png', samples)
   logging.info('sample: wrote %d images to %s', len(samples), path)
   print(f'wrote {path}')
   return samples

@@ -24,8 +24,8 @@ def unet_fits(config) -> bool:
 
 def network_parameters(config) -> dict[str, dict]:
   """{name: {'parameters': int, 'input': shape, 'parts': {child: int}}} without allocating weights:
-  the autoencoder, the PatchGAN discriminator of its loss, and the U-Net (left out when its levels
-  do not divide the latent side, as in stage-1-only configs)."""
+  the autoencoder, the PatchGAN discriminator of its loss, the U-Net (left out when its levels do not
+  divide the latent side, as in stage-1-only configs) and the conditioning model, if any."""
   autoencoder, discriminator = stage1.build_autoencoder(config), stage1.build_discriminator(config)
   size = config.data.image_size
   image = jax.ShapeDtypeStruct((1, size, size, config.autoencoder.in_channels), jnp.float32)
@@ -36,10 +36,13 @@ def network_parameters(config) -> dict[str, dict]:
                                        image)['params'], image.shape),
   }
   if unet_fits(config):
-    latent = jax.ShapeDtypeStruct((1,) + diffusion.latent_shape(config), jnp.float32)
-    timesteps = jax.ShapeDtypeStruct((1,), jnp.int32)
-    unet = diffusion.build_unet(config)
-    shapes['unet'] = (jax.eval_shape(unet.init, rng, latent, timesteps)['params'], latent.shape)
+    latent_shape = (1,) + diffusion.latent_shape(config)
+    params = jax.eval_shape(functools.partial(diffusion.init_params, diffusion.build_denoiser(config), config),
+                            rng)
+    unet_input = latent_shape[:-1] + (config.unet.in_channels or latent_shape[-1],)
+    shapes['unet'] = (params['unet'], unet_input)
+    if 'cond_stage' in params:
+      shapes['cond_stage'] = (params['cond_stage'], (1,))
   return {name: {'parameters': count_parameters(params), 'input': list(input_shape),
                  'parts': {child: count_parameters(sub) for child, sub in params.items()}}
           for name, (params, input_shape) in shapes.items()}

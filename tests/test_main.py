@@ -142,6 +142,12 @@ def test_default_config_passes_the_checks():
   main.check_config(default.get_config())
 
 
+def test_ddpm_may_walk_the_whole_chain_but_ddim_may_not():
+  main.check_config(config_with(sampling__sampler='ddpm', sampling__num_steps=1000))
+  with pytest.raises(ConfigError, match='sampling.num_steps'):
+    main.check_config(config_with(sampling__sampler='ddim', sampling__num_steps=1000))
+
+
 @pytest.mark.parametrize('fields, name', [
     (dict(mode='bogus'), 'mode'),
     (dict(autoencoder_train__batch_size=0), 'autoencoder_train.batch_size'),
@@ -153,6 +159,13 @@ def test_default_config_passes_the_checks():
     (dict(remat='some'), 'remat'),
     (dict(diffusion_train__accumulate_grad_batches=0), 'diffusion_train.accumulate_grad_batches'),
     (dict(max_nonfinite_steps=0), 'max_nonfinite_steps'),
+    (dict(sampling__sampler='euler'), 'sampling.sampler'),
+    (dict(sampling__spacing='random'), 'sampling.spacing'),
+    (dict(diffusion__parameterization='score'), 'diffusion.parameterization'),
+    (dict(diffusion__conditioning_key='film'), 'diffusion.conditioning_key'),
+    (dict(diffusion__conditioning_key='adm'), 'diffusion.conditioning_key'),  # no label embedding
+    (dict(diffusion__cond_drop_prob=0.1), 'diffusion.cond_drop_prob'),      # unconditional model
+    (dict(unet__attention_impl='flash'), 'unet.attention_impl'),
 ])
 def test_check_config_rejects_bad_values_naming_the_field(fields, name):
   with pytest.raises(ConfigError) as error:

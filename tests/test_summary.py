@@ -18,9 +18,28 @@ PAPER_FIRST_STAGES = ('kl_f4', 'kl_f8', 'kl_f16', 'kl_f32', 'vq_f4', 'vq_f4_noat
 
 # Counts of the paper's own modules (CompVis/latent-diffusion: ldm.models.autoencoder.AutoencoderKL
 # with the kl-f8 ddconfig, openaimodel.UNetModel with lsun_churches-ldm-kl-8's unet_config),
-# obtained by instantiating them in PyTorch.
+# obtained by instantiating them in PyTorch; test_every_paper_ldm_config_... below builds them live.
 CHURCHES_AUTOENCODER = 83_653_863
 CHURCHES_UNET = 294_966_916
+
+# The unet_config of every released LDM (configs/latent-diffusion/*.yaml and models/ldm/*/config.yaml
+# of the paper's repository), by our config that reproduces it.
+PAPER_LDM_UNETS = {
+    'celebahq_f4': dict(in_channels=3, out_channels=3, model_channels=224, attention_resolutions=[8, 4, 2],
+                        num_res_blocks=2, channel_mult=[1, 2, 3, 4], num_head_channels=32),
+    'lsun_churches_f8': dict(in_channels=4, out_channels=4, model_channels=192,
+                             attention_resolutions=[1, 2, 4, 8], num_res_blocks=2, channel_mult=[1, 2, 2, 4, 4],
+                             num_heads=8, use_scale_shift_norm=True, resblock_updown=True),
+    'cin_f8': dict(in_channels=4, out_channels=4, model_channels=256, attention_resolutions=[4, 2, 1],
+                   num_res_blocks=2, channel_mult=[1, 2, 4], num_head_channels=32, use_spatial_transformer=True,
+                   transformer_depth=1, context_dim=512),
+    'cin256_v2': dict(in_channels=3, out_channels=3, model_channels=192, attention_resolutions=[8, 4, 2],
+                      num_res_blocks=2, channel_mult=[1, 2, 3, 5], num_heads=1, use_spatial_transformer=True,
+                      transformer_depth=1, context_dim=512),
+}
+PAPER_LDM_UNETS['ffhq_f4'] = PAPER_LDM_UNETS['lsun_bedrooms_f4'] = PAPER_LDM_UNETS['celebahq_f4']
+# The paper's ClassEmbedder rows (n_classes) of the class-conditional ones; the others have none.
+PAPER_LDM_CLASSES = {'cin_f8': 1000, 'cin256_v2': 1001}
 
 
 @pytest.fixture(scope='module')
@@ -92,3 +111,18 @@ def test_every_paper_first_stage_config_builds_with_the_papers_parameter_count(n
   model, discriminator = taming_first_stage(config)
   assert networks['autoencoder']['parameters'] == sum(p.numel() for p in model.parameters())
   assert networks['discriminator']['parameters'] == sum(p.numel() for p in discriminator.parameters())
+
+
+@pytest.mark.parametrize('name', sorted(PAPER_LDM_UNETS))
+def test_every_paper_ldm_config_builds_with_the_papers_parameter_counts(name):
+  from ldm.modules.diffusionmodules.openaimodel import UNetModel as PaperUNet  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{name}').get_config()
+  networks = summary.network_parameters(config)
+  with torch.device('meta'):
+    unet = PaperUNet(image_size=32, **PAPER_LDM_UNETS[name])
+    embedder = torch.nn.Embedding(PAPER_LDM_CLASSES.get(name, 1), 512)  # the paper's ClassEmbedder
+  assert networks['unet']['parameters'] == sum(p.numel() for p in unet.parameters())
+  if name in PAPER_LDM_CLASSES:
+    assert networks['cond_stage']['parameters'] == sum(p.numel() for p in embedder.parameters())
+  else:
+    assert 'cond_stage' not in networks

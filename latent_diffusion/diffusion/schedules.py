@@ -69,7 +69,8 @@ def make_schedule(betas: np.ndarray, v_posterior: float = 0.0) -> Schedule:
 
 
 def schedule_from_config(diffusion_config) -> Schedule:
-  """The Schedule for `config.diffusion`."""
+  """The Schedule for `config.diffusion` (its v_posterior when the config has one)."""
   return make_schedule(make_betas(diffusion_config.beta_schedule, diffusion_config.timesteps,
                                   diffusion_config.linear_start, diffusion_config.linear_end,
-                                  diffusion_config.cosine_s))
+                                  diffusion_config.cosine_s),
+                       diffusion_config.get('v_posterior', 0.0))

@@ -1,5 +1,11 @@
-"""Stage 2: train the U-Net on latents of the frozen stage-1 autoencoder (DDPM, eps-prediction)."""
+"""Stage 2: train the denoiser (U-Net + conditioning model) on latents of the frozen stage-1 autoencoder.
 
+The objective is the paper's LatentDiffusion.p_losses: an eps / x0 / v target, l1 or l2, with an
+optional learned per-timestep log-variance and VLB term; conditions are dropped with
+`diffusion.cond_drop_prob` so one model learns the conditional and the unconditional task at once.
+"""
+
+import dataclasses
 import functools
 
 import jax
@@ -12,16 +18,19 @@ from jax.experimental import multihost_utils
 
 from latent_diffusion import images as image_io
 from latent_diffusion.data import latents
-from latent_diffusion.diffusion import process, samplers, schedules
+from latent_diffusion.diffusion import guidance, process, samplers, schedules
 from latent_diffusion.errors import ConfigError
 from latent_diffusion.models.autoencoder import latents_from_moments
+from latent_diffusion.models.conditioners import ClassEmbedder
+from latent_diffusion.models.denoiser import LatentDenoiser
 from latent_diffusion.models.unet import UNetModel
 from latent_diffusion.train import autoencoder as stage1
-from latent_diffusion.train import common, loop, sharding
+from latent_diffusion.train import common, conditioning, loop, sharding
 from latent_diffusion.train.state import TrainState, ema_decay
 
 STAGE = 'diffusion'
 SCALE_FACTOR_KEY = 0xFFFFFFFF  # fold_in data of the scale_by_std posterior sample; no step reaches it
+SAMPLERS = ('ddim', 'ddpm', 'plms', 'dpm_solver')
 
 
 def latent_shape(config) -> tuple[int, int, int]:
@@ -36,18 +45,53 @@ def latent_shape(config) -> tuple[int, int, int]:
 def build_unet(config) -> UNetModel:
   c = config.unet
   channels = config.autoencoder.embed_dim
-  return UNetModel(in_channels=channels, out_channels=channels, model_channels=c.model_channels,
-                   num_res_blocks=c.num_res_blocks, attention_resolutions=tuple(c.attention_resolutions),
-                   channel_mult=tuple(c.channel_mult), dropout=c.dropout, conv_resample=c.conv_resample,
-                   num_heads=c.num_heads, num_head_channels=c.num_head_channels,
-                   num_heads_upsample=c.num_heads_upsample, use_scale_shift_norm=c.use_scale_shift_norm,
-                   resblock_updown=c.resblock_updown, remat=config.remat,
+  return UNetModel(in_channels=c.in_channels or channels, out_channels=channels,
+                   model_channels=c.model_channels, num_res_blocks=c.num_res_blocks,
+                   attention_resolutions=tuple(c.attention_resolutions), channel_mult=tuple(c.channel_mult),
+                   dropout=c.dropout, conv_resample=c.conv_resample, num_heads=c.num_heads,
+                   num_head_channels=c.num_head_channels, num_heads_upsample=c.num_heads_upsample,
+                   use_scale_shift_norm=c.use_scale_shift_norm, resblock_updown=c.resblock_updown,
+                   num_classes=c.num_classes, use_spatial_transformer=c.use_spatial_transformer,
+                   transformer_depth=c.transformer_depth, context_dim=c.context_dim, legacy=c.legacy,
+                   use_new_attention_order=c.use_new_attention_order, n_embed=c.n_embed,
+                   attention_impl=c.attention_impl, remat=config.remat,
                    dtype=common.activation_dtype(config))
 
 
-def init_params(model: UNetModel, config, rng):
-  return model.init(rng, jnp.zeros((1,) + latent_shape(config), jnp.float32),
-                    jnp.zeros((1,), jnp.int32))['params']
+def build_cond_stage(config):
+  """The conditioning model of config.cond_stage, or None."""
+  if config.cond_stage.kind == 'class':
+    return ClassEmbedder(config.cond_stage.n_classes, config.cond_stage.embed_dim)
+  if config.cond_stage.kind:
+    raise ConfigError(f'cond_stage.kind: {config.cond_stage.kind!r} is not one of \'\', class')
+  return None
+
+
+def build_denoiser(config) -> LatentDenoiser:
+  return LatentDenoiser(build_unet(config), build_cond_stage(config), config.diffusion.conditioning_key)
+
+
+def example_conditions(config, batch_size: int) -> dict:
+  """Zero raw conditions of the right shapes, for init and shape inference."""
+  raw = {'label': jnp.zeros((batch_size,), jnp.int32)} if conditioning.uses_labels(config) else {}
+  if config.diffusion.conditioning_key in ('concat', 'hybrid'):
+    h, w, c = latent_shape(config)
+    raw['concat'] = jnp.zeros((batch_size, h, w, config.unet.in_channels - c), jnp.float32)
+  return raw
+
+
+def init_params(model: LatentDenoiser, config, rng):
+  """{'unet': ..., 'cond_stage': ... (if any), 'logvar': (T,) (if learned)}."""
+  params = dict(model.init(rng, jnp.zeros((1,) + latent_shape(config), jnp.float32),
+                           jnp.zeros((1,), jnp.int32), example_conditions(config, 1))['params'])
+  if config.diffusion.learn_logvar:
+    params['logvar'] = jnp.full((config.diffusion.timesteps,), config.diffusion.logvar_init, jnp.float32)
+  return params
+
+
+def model_params(params) -> dict:
+  """The denoiser's parameters: the train state's params without the learned log-variance."""
+  return {name: value for name, value in params.items() if name != 'logvar'}
 
 
 def make_optimizer(train_config) -> optax.GradientTransformation:
@@ -61,29 +105,57 @@ def make_optimizer(train_config) -> optax.GradientTransformation:
       train_config)
 
 
-def diffusion_loss(model, params, latents, rng, schedule, loss_type, deterministic=True):
-  """L_simple for eps-prediction: E_t,eps |eps - eps_theta(x_t, t)|. Returns (loss, metrics)."""
-  t_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """The static settings of the stage-2 loss (hashable: a jit static argument)."""
+  parameterization: str = 'eps'
+  loss_type: str = 'l2'
+  l_simple_weight: float = 1.0
+  original_elbo_weight: float = 0.0
+  learn_logvar: bool = False
+  logvar_init: float = 0.0
+  cond_drop_prob: float = 0.0
+  null_label: int | None = None
+
+  @classmethod
+  def from_config(cls, config) -> 'Objective':
+    d = config.diffusion
+    return cls(d.parameterization, d.loss_type, d.l_simple_weight, d.original_elbo_weight, d.learn_logvar,
+               d.logvar_init, d.cond_drop_prob, conditioning.null_label(config))
+
+
+def diffusion_loss(model, params, latents, raw, rng, schedule, objective: Objective, deterministic=True):
+  """The paper's p_losses on a batch of latents with raw conditions. Returns (loss, metrics)."""
+  t_rng, noise_rng, dropout_rng, drop_rng = jax.random.split(rng, 4)
   t = jax.random.randint(t_rng, (latents.shape[0],), 0, schedule.num_timesteps)
   noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
   x_t = process.q_sample(schedule, latents, t, noise)
-  eps = model.apply({'params': params}, x_t, t, deterministic=deterministic, rngs={'dropout': dropout_rng})
-  loss = process.simple_loss(eps, noise, loss_type).mean()
-  return loss, {'loss': loss}
+  raw = conditioning.drop_conditions(raw, drop_rng, objective.cond_drop_prob, objective.null_label)
+  output = model.apply({'params': model_params(params)}, x_t, t, raw, deterministic=deterministic,
+                       rngs={'dropout': dropout_rng})
+  target = process.training_target(schedule, objective.parameterization, latents, noise, t)
+  logvar = (params['logvar'] if objective.learn_logvar
+            else jnp.full((schedule.num_timesteps,), objective.logvar_init, jnp.float32))
+  return process.diffusion_loss(
+      output, target, t, loss_type=objective.loss_type, logvar=logvar,
+      l_simple_weight=objective.l_simple_weight, original_elbo_weight=objective.original_elbo_weight,
+      lvlb_weights=process.lvlb_weights(schedule, objective.parameterization))
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, schedule, loss_type, base_ema_decay,
-               deterministic, autoencoder_kind='kl') -> tuple:
-  """One step on batch['moments'] (the stage-1 encoding); z is sampled (kl) and scaled here."""
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule, objective: Objective,
+               base_ema_decay, deterministic, autoencoder_kind='kl', uses_labels=False) -> tuple:
+  """One step on batch['moments'] (the stage-1 encoding; z is sampled (kl) and scaled here) and,
+  for class-conditional models, batch['label']."""
   posterior_rng, loss_rng = jax.random.split(state.step_rng())
   latents = latents_from_moments(autoencoder_kind, batch['moments'], posterior_rng) * state.extras['scale_factor']
+  raw = {'label': batch['label']} if uses_labels else {}
   grad_fn = jax.value_and_grad(
-      lambda p: diffusion_loss(model, p, latents, loss_rng, schedule, loss_type, deterministic),
+      lambda p: diffusion_loss(model, p, latents, raw, loss_rng, schedule, objective, deterministic),
       has_aux=True)
   (loss, metrics), grads = grad_fn(state.params)
   decay = ema_decay(base_ema_decay, state.step + 1)
   state, skipped = state.apply_gradients_if_finite(grads, tx, loss, ema_decay_value=decay)
-  metrics.update(grad_norm=optax.global_norm(grads), ema_decay=decay,
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads), ema_decay=decay,
                  nonfinite=skipped.astype(jnp.float32))
   return state, metrics
 
@@ -99,21 +171,58 @@ def scale_factor_from_moments(moments, rng, autoencoder_kind='kl') -> jax.Array:
   return 1.0 / jnp.std(latents_from_moments(autoencoder_kind, moments, rng))
 
 
-def make_sampler(unet: UNetModel, autoencoder, config, schedule, num_samples: int):
-  """A jitted fn(unet_params, ae_params, scale_factor, rng) -> images (N,H,W,3) in [-1, 1]."""
-  sampling = config.sampling
-  shape = (num_samples,) + latent_shape(config)
+def run_sampler(sampling, model_fn, x_T, rng, schedule, num_steps: int, parameterization: str,
+                clip_denoised: bool = False):
+  """Latents from noise x_T with the sampler named by sampling.sampler."""
+  if sampling.sampler == 'ddim':
+    return samplers.ddim_sample(model_fn, x_T, rng, schedule, num_steps, sampling.eta, sampling.spacing,
+                                parameterization=parameterization)
+  if sampling.sampler == 'ddpm':
+    return samplers.ddpm_sample(model_fn, x_T, rng, schedule,
+                                None if num_steps >= schedule.num_timesteps else num_steps,
+                                parameterization=parameterization, clip_denoised=clip_denoised)
+  if sampling.sampler == 'plms':
+    return samplers.plms_sample(model_fn, x_T, schedule, num_steps, spacing=sampling.spacing,
+                                parameterization=parameterization)
+  if sampling.sampler == 'dpm_solver':
+    return samplers.dpm_solver_sample(model_fn, x_T, schedule, num_steps, spacing=sampling.spacing,
+                                      parameterization=parameterization)
+  raise ConfigError(f'sampling.sampler: {sampling.sampler!r} is not one of {", ".join(SAMPLERS)}')
 
-  def sample(unet_params, ae_params, scale_factor, rng):
-    model_fn = lambda x, t: unet.apply({'params': unet_params}, x, t)
-    noise_rng, ddim_rng = jax.random.split(rng)
-    latents = samplers.ddim_sample(model_fn, jax.random.normal(noise_rng, shape), ddim_rng, schedule,
-                                   sampling.num_steps, sampling.eta, sampling.spacing)
-    decoded = autoencoder.apply({'params': ae_params}, latents / scale_factor,
-                                method=autoencoder.decode)
+
+def make_sampler(model: LatentDenoiser, autoencoder, config, schedule):
+  """A jitted fn(params, ae_params, scale_factor, rng, raw, *, num_samples, num_steps) -> images
+  (num_samples, H, W, 3) in [-1, 1]; raw holds the conditions (e.g. {'label': (N,)}) or is {}.
+
+  It compiles once per (num_samples, num_steps): both are static, the loop is one scan.
+  """
+  sampling, parameterization = config.sampling, config.diffusion.parameterization
+  null = conditioning.null_label(config)
+
+  def sample(params, ae_params, scale_factor, rng, raw, *, num_samples, num_steps):
+    variables = {'params': model_params(params)}
+    apply_fn = lambda x, t, encoded: model.apply(variables, x, t, encoded, method=model.denoise)
+    encoded = model.apply(variables, raw, method=model.condition)
+    if sampling.guidance_scale != 1.0:
+      unconditional = model.apply(variables, conditioning.null_conditions(raw, null), method=model.condition)
+      model_fn = guidance.classifier_free_guidance(apply_fn, encoded, unconditional, sampling.guidance_scale)
+    else:
+      model_fn = lambda x, t: apply_fn(x, t, encoded)
+    noise_rng, sampler_rng = jax.random.split(rng)
+    x_T = jax.random.normal(noise_rng, (num_samples,) + latent_shape(config))
+    latents = run_sampler(sampling, model_fn, x_T, sampler_rng, schedule, num_steps, parameterization,
+                          config.diffusion.clip_denoised)
+    decoded = autoencoder.apply({'params': ae_params}, latents / scale_factor, method=autoencoder.decode)
     return jnp.clip(decoded, -1.0, 1.0)
 
-  return jax.jit(sample)
+  return jax.jit(sample, static_argnames=('num_samples', 'num_steps'))
+
+
+def sample_conditions(config, num_samples: int) -> dict:
+  """The raw conditions of a sample grid (class labels cycle, or sampling.class_label)."""
+  if conditioning.uses_labels(config):
+    return {'label': conditioning.sampling_labels(config, num_samples)}
+  return {}
 
 
 def moment_batches(config, workdir, autoencoder, ae_params, mesh):
@@ -124,7 +233,9 @@ def moment_batches(config, workdir, autoencoder, ae_params, mesh):
                                                          method=autoencoder.encode_moments))
   if not train_config.precompute_latents:
     iterator, images = common.make_batches(config, train_config.batch_size, mesh, seed_offset=1)
-    return iterator, ({'moments': encode(ae_params, batch['image'])} for batch in images)
+    keep = ('label',) if conditioning.uses_labels(config) else ()
+    return iterator, (dict({'moments': encode(ae_params, batch['image'])},
+                           **{name: batch[name] for name in keep}) for batch in images)
 
   # Each process encodes its own slice on its own devices: slices differ in length, so no
   # computation may span processes here.
@@ -138,10 +249,26 @@ def moment_batches(config, workdir, autoencoder, ae_params, mesh):
       cache, config.data, lambda images: np.asarray(encode(local_params, jax.device_put(images, local_batch))),
       batch_size=local_batch_size,
       fingerprint={'autoencoder_step': common.latest_step(workdir, stage1.STAGE),
-                   'autoencoder': config.autoencoder.to_dict()})
+                   'autoencoder': config.autoencoder.to_dict()},
+      with_labels=conditioning.uses_labels(config))
   iterator = latents.make_iterator(cache, batch_size=local_batch_size, seed=config.seed + 1,
                                    flip=config.data.flip)
   return iterator, (sharding.global_batch(batch, mesh) for batch in iterator)
+
+
+def schedule_from_config(config) -> schedules.Schedule:
+  return schedules.schedule_from_config(config.diffusion)
+
+
+def sampler_tag(config) -> str:
+  """e.g. 'ddim50_eta0' or 'plms50_cfg3': names sample files by how they were drawn."""
+  sampling = config.sampling
+  tag = f'{sampling.sampler}{sampling.num_steps}'
+  if sampling.sampler == 'ddim':
+    tag += f'_eta{sampling.eta:g}'
+  if sampling.guidance_scale != 1.0:
+    tag += f'_cfg{sampling.guidance_scale:g}'
+  return tag
 
 
 def abstract_state(model, config, mesh):
@@ -161,14 +288,14 @@ def train(config, workdir) -> TrainState:
   train_config = config.diffusion_train
   mesh = sharding.make_mesh(config.mesh)
   autoencoder, ae_params = stage1.load_params(config, workdir, mesh)
-  unet = build_unet(config)
-  schedule = schedules.schedule_from_config(config.diffusion)
+  model = build_denoiser(config)
+  schedule = schedule_from_config(config)
   iterator, batches = moment_batches(config, workdir, autoencoder, ae_params, mesh)
   checkpoints = common.stage_checkpoints(workdir, STAGE, train_config)
   tx = make_optimizer(train_config)
-  abstract, shardings = abstract_state(unet, config, mesh)
+  abstract, shardings = abstract_state(model, config, mesh)
   state, resumed = loop.restore_or_create(checkpoints, abstract, shardings,
-                                          functools.partial(create_state, unet, config, tx=tx),
+                                          functools.partial(create_state, model, config, tx=tx),
                                           jax.random.PRNGKey(config.seed + 1), iterator)
   if resumed:
     logging.info('diffusion: resumed from step %d (scale_factor %.5f)', int(state.step),
@@ -186,24 +313,27 @@ def train(config, workdir) -> TrainState:
         jnp.asarray(scale_factor, jnp.float32), sharding.replicated(mesh))})
   logging.info('diffusion: mesh %s, %s', dict(mesh.shape),
                sharding.describe_param_sharding(abstract.params, shardings.params))
-  logging.info('diffusion: %d U-Net parameters, latents %s',
-               sum(np.size(x) for x in jax.tree.leaves(abstract.params)), latent_shape(config))
+  logging.info('diffusion: %s parameters, latents %s, conditioning %r',
+               {name: sum(np.size(x) for x in jax.tree.leaves(part)) for name, part in abstract.params.items()},
+               latent_shape(config), config.diffusion.conditioning_key)
 
   step_fn = jax.jit(
-      functools.partial(train_step, model=unet, tx=tx, schedule=schedule,
-                        loss_type=config.diffusion.loss_type, base_ema_decay=train_config.ema_decay,
-                        deterministic=config.unet.dropout == 0.0,
-                        autoencoder_kind=config.autoencoder.kind),
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                        objective=Objective.from_config(config), base_ema_decay=train_config.ema_decay,
+                        deterministic=config.unet.dropout == 0.0, autoencoder_kind=config.autoencoder.kind,
+                        uses_labels=conditioning.uses_labels(config)),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  sampler = make_sampler(unet, autoencoder, config, schedule, config.sampling.batch_size)
+  sampler = make_sampler(model, autoencoder, config, schedule)
+  sampling = config.sampling
+  grid_conditions = sample_conditions(config, sampling.batch_size)
 
   def write_samples(state, step):
-    params = state.ema_params if config.sampling.use_ema else state.params
-    samples = sampler(params, ae_params, state.extras['scale_factor'],
-                      jax.random.PRNGKey(config.sampling.seed))
+    params = state.ema_params if sampling.use_ema else state.params
+    samples = sampler(params, ae_params, state.extras['scale_factor'], jax.random.PRNGKey(sampling.seed),
+                      grid_conditions, num_samples=sampling.batch_size, num_steps=sampling.num_steps)
     if jax.process_index() == 0:
-      path = image_io.save_grid(directory / 'samples' / f'ddim{config.sampling.num_steps}_{step:07d}.png',
+      path = image_io.save_grid(directory / 'samples' / f'{sampler_tag(config)}_{step:07d}.png',
                                 np.asarray(samples))
       logging.info('diffusion: wrote %s', path)
 

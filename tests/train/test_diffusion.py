@@ -1,4 +1,5 @@
-"""Tests for train/diffusion.py: latent shape, scale_by_std, the eps loss, EMA in the step, sampling."""
+"""Tests for train/diffusion.py: latent shape, scale_by_std, the objective (eps/x0/v, learned logvar,
+ELBO term, conditioning with dropout), EMA in the step, every sampler, guidance, compile counts."""
 
 import functools
 
@@ -13,7 +14,7 @@ from latent_diffusion.diffusion import schedules
 from latent_diffusion.errors import ConfigError
 from latent_diffusion.models.autoencoder import AutoencoderKL
 from latent_diffusion.train import autoencoder as stage1
-from latent_diffusion.train import common, diffusion
+from latent_diffusion.train import common, conditioning, diffusion
 from latent_diffusion.train.state import TrainState
 
 
@@ -50,21 +51,47 @@ def test_scale_factor_is_inverse_std_of_posterior_samples():
   np.testing.assert_allclose(scale, 1.0 / np.std(np.asarray(moments[..., :4])), rtol=1e-4)
 
 
-def test_train_step_updates_ema_with_warmup_decay_and_learns(make_random_params):
-  config = tiny_config()
-  unet = diffusion.build_unet(config)
+def make_step(config, make_random_params, seed=0):
+  """(jitted train_step, initial state) of config's denoiser with random non-zero parameters."""
+  model = diffusion.build_denoiser(config)
   tx = diffusion.make_optimizer(config.diffusion_train)
-  abstract = jax.eval_shape(functools.partial(diffusion.create_state, unet, config, tx=tx),
+  abstract = jax.eval_shape(functools.partial(diffusion.create_state, model, config, tx=tx),
                             jax.random.PRNGKey(0))
-  params = jax.tree.map(jnp.asarray, make_random_params(abstract.params))
+  params = jax.tree.map(jnp.asarray, make_random_params(abstract.params, seed))
+  if config.diffusion.learn_logvar:
+    params['logvar'] = jnp.full_like(params['logvar'], config.diffusion.logvar_init)
   state = TrainState.create(params, tx, jax.random.PRNGKey(0), ema=True,
                             extras={'scale_factor': jnp.ones((), jnp.float32)})
   step = jax.jit(functools.partial(
-      diffusion.train_step, model=unet, tx=tx, schedule=schedules.schedule_from_config(config.diffusion),
-      loss_type='l2', base_ema_decay=0.9, deterministic=True))
-  # Latents with structure: a fixed pattern the model can learn to denoise toward.
-  pattern = jnp.tile(jnp.linspace(-2, 2, 8)[None, :, None, None], (4, 1, 8, 4))
-  batch = {'moments': jnp.concatenate([pattern, jnp.full_like(pattern, -30.0)], axis=-1)}
+      diffusion.train_step, model=model, tx=tx, schedule=diffusion.schedule_from_config(config),
+      objective=diffusion.Objective.from_config(config), base_ema_decay=config.diffusion_train.ema_decay,
+      deterministic=True, uses_labels=conditioning.uses_labels(config)))
+  return step, state
+
+
+def pattern_batch(labels=None):
+  """Latents with structure (a fixed ramp, per-label sign when labelled) the model can learn."""
+  ramp = jnp.tile(jnp.linspace(-2, 2, 8)[None, :, None, None], (4, 1, 8, 4))
+  if labels is not None:
+    ramp = ramp * jnp.where(labels % 2 == 0, 1.0, -1.0)[:, None, None, None]
+  batch = {'moments': jnp.concatenate([ramp, jnp.full_like(ramp, -30.0)], axis=-1)}
+  if labels is not None:
+    batch['label'] = labels
+  return batch
+
+
+def train_losses(step, state, batch, steps, metric='loss'):
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics[metric]))
+  return state, losses
+
+
+def test_train_step_updates_ema_with_warmup_decay_and_learns(make_random_params):
+  config = tiny_config()
+  step, state = make_step(config, make_random_params)
+  batch = pattern_batch()
   previous = state
   state, metrics = step(state, batch)
   decay = min(0.9, 2 / 11)  # n = 1 update
@@ -72,29 +99,120 @@ def test_train_step_updates_ema_with_warmup_decay_and_learns(make_random_params)
   expected = jax.tree.map(lambda e, p: e - (1 - decay) * (e - p), previous.params, state.params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                state.ema_params, expected)
-  losses = [float(metrics['loss'])]
-  for _ in range(20):
-    state, metrics = step(state, batch)
-    losses.append(float(metrics['loss']))
+  _, losses = train_losses(step, state, batch, 20)
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
-def test_sampler_decodes_ddim_latents_to_clipped_images_of_the_data_size(make_random_params):
+@pytest.mark.parametrize('parameterization', ['x0', 'v'])
+def test_x0_and_v_parameterisations_train(parameterization, make_random_params):
   config = tiny_config()
-  unet = diffusion.build_unet(config)
+  config.diffusion.parameterization = parameterization
+  step, state = make_step(config, make_random_params)
+  _, losses = train_losses(step, state, pattern_batch(), 16, 'loss_simple')
+  assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), losses
+
+
+def test_learned_logvar_is_trained_and_the_elbo_term_is_reported(make_random_params):
+  config = tiny_config()
+  config.diffusion.learn_logvar = True
+  config.diffusion.logvar_init = 0.5
+  config.diffusion.original_elbo_weight = 1e-3
+  step, state = make_step(config, make_random_params)
+  assert state.params['logvar'].shape == (config.diffusion.timesteps,)
+  state, metrics = step(state, pattern_batch())
+  # loss = mean(simple / e^0.5 + 0.5) + 1e-3 * vlb at init.
+  expected = float(metrics['loss_simple']) / np.exp(0.5) + 0.5 + 1e-3 * float(metrics['loss_vlb'])
+  np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-5)
+  assert not np.allclose(state.params['logvar'], 0.5)
+
+
+def test_frozen_logvar_is_not_a_parameter(make_random_params):
+  _, state = make_step(tiny_config(), make_random_params)
+  assert set(state.params) == {'unet'}
+
+
+def test_class_conditional_step_learns_the_label_dependence(make_random_params):
+  config = tiny_config()
+  config.data.num_classes = 4
+  config.unet.num_classes = 5  # + null class
+  config.diffusion.conditioning_key = 'adm'
+  config.diffusion.cond_drop_prob = 0.2
+  step, state = make_step(config, make_random_params)
+  assert state.params['unet']['label_emb']['embedding'].shape == (5, 4 * 32)
+  _, losses = train_losses(step, state, pattern_batch(jnp.array([0, 1, 2, 3], jnp.int32)), 20)
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_crossattn_class_model_trains_its_embedder(make_random_params):
+  config = tiny_config()
+  config.data.num_classes = 4
+  config.diffusion.conditioning_key = 'crossattn'
+  config.cond_stage.kind = 'class'
+  config.cond_stage.n_classes = 5
+  config.cond_stage.embed_dim = 16
+  config.unet.use_spatial_transformer = True
+  config.unet.context_dim = 16
+  step, state = make_step(config, make_random_params)
+  before = np.asarray(state.params['cond_stage']['embedding']['embedding'])
+  state, _ = step(state, pattern_batch(jnp.array([0, 1, 2, 3], jnp.int32)))
+  after = np.asarray(state.params['cond_stage']['embedding']['embedding'])
+  assert not np.allclose(before[:4], after[:4])
+
+
+def sampler_parts(config, make_random_params):
+  model = diffusion.build_denoiser(config)
   autoencoder = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16)
-  unet_params = make_random_params(jax.eval_shape(
-      unet.init, jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32))['params'])
+  params = make_random_params(jax.eval_shape(
+      functools.partial(diffusion.init_params, model, config), jax.random.PRNGKey(0)))
   ae_params = make_random_params(jax.eval_shape(
       autoencoder.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))['params'])
-  sampler = diffusion.make_sampler(unet, autoencoder, config,
-                                   schedules.schedule_from_config(config.diffusion), num_samples=3)
-  samples = np.asarray(sampler(unet_params, ae_params, jnp.float32(0.5), jax.random.PRNGKey(2)))
+  sampler = diffusion.make_sampler(model, autoencoder, config, diffusion.schedule_from_config(config))
+  return sampler, params, ae_params
+
+
+@pytest.mark.parametrize('name', ['ddim', 'ddpm', 'plms', 'dpm_solver'])
+def test_each_sampler_decodes_latents_to_clipped_images_of_the_data_size(name, make_random_params):
+  config = tiny_config()
+  config.sampling.sampler = name
+  sampler, params, ae_params = sampler_parts(config, make_random_params)
+  draw = lambda: np.asarray(sampler(params, ae_params, jnp.float32(0.5), jax.random.PRNGKey(2), {},
+                                    num_samples=3, num_steps=4))
+  samples = draw()
   assert samples.shape == (3, 16, 16, 3)
   assert samples.min() >= -1 and samples.max() <= 1
   assert np.std(samples) > 0
-  again = np.asarray(sampler(unet_params, ae_params, jnp.float32(0.5), jax.random.PRNGKey(2)))
-  np.testing.assert_array_equal(samples, again)
+  np.testing.assert_array_equal(samples, draw())
+
+
+def test_sampler_compiles_once_per_number_of_samples_and_steps(make_random_params):
+  config = tiny_config()
+  sampler, params, ae_params = sampler_parts(config, make_random_params)
+  call = lambda n, steps: sampler(params, ae_params, jnp.float32(1.0), jax.random.PRNGKey(0), {},
+                                  num_samples=n, num_steps=steps)
+  call(2, 4)
+  call(2, 4)
+  assert sampler._cache_size() == 1  # pylint: disable=protected-access
+  call(2, 5)
+  call(3, 4)
+  call(2, 5)
+  assert sampler._cache_size() == 3  # pylint: disable=protected-access
+
+
+def test_guided_class_conditional_samples_depend_on_the_label_and_the_scale(make_random_params):
+  config = tiny_config()
+  config.data.num_classes = 4
+  config.unet.num_classes = 5
+  config.diffusion.conditioning_key = 'adm'
+  config.sampling.guidance_scale = 3.0
+  sampler, params, ae_params = sampler_parts(config, make_random_params)
+  draw = lambda fn, labels: np.asarray(fn(params, ae_params, jnp.float32(1.0), jax.random.PRNGKey(0),
+                                          {'label': jnp.asarray(labels, jnp.int32)},
+                                          num_samples=2, num_steps=4))
+  guided = draw(sampler, [0, 0])
+  assert not np.allclose(guided, draw(sampler, [1, 1]), atol=1e-4)
+  config.sampling.guidance_scale = 1.0
+  unguided, _, _ = sampler_parts(config, make_random_params)
+  assert not np.allclose(guided, draw(unguided, [0, 0]), atol=1e-4)
 
 
 def test_training_from_precomputed_latents_encodes_the_dataset_once(tmp_path):
