@@ -111,7 +111,7 @@ def run(config, workdir: str) -> None:
     evaluate.evaluate_autoencoder(config, workdir)
     return
   if config.mode == 'convert':
-    autoencoder.save_converted(config, workdir)
+    (diffusion if config.convert.stage == 'diffusion' else autoencoder).save_converted(config, workdir)
     return
   loop.write_config(Path(workdir).absolute(), config)
   for stage, stage_mode in ((autoencoder, 'train_autoencoder'), (diffusion, 'train_diffusion')):

@@ -70,7 +70,7 @@ def detect_format(state_dict: StateDict) -> str:
 
 def load_autoencoder_params(path: str | Path, abstract_params: Any) -> Any:
   """Our params from a checkpoint file (.ckpt, .pth, .bin, .safetensors) or a diffusers model
-  directory (holding diffusion_pytorch_model.safetensors or .bin, directly or under vae/)."""
+  directory (holding diffusion_pytorch_model.safetensors or .bin, directly or under vae/ or vqvae/)."""
   from latent_diffusion import torch_files  # pylint: disable=g-import-not-at-top
 
   file = _checkpoint_file(Path(path))
@@ -88,12 +88,12 @@ def _checkpoint_file(path: Path) -> Path:
     raise CheckpointError(f'autoencoder checkpoint {path} does not exist')
   if not path.is_dir():
     return path
-  for folder in (path, path / 'vae'):
+  for folder in (path, path / 'vae', path / 'vqvae'):
     for name in _DIFFUSERS_FILES:
       if (folder / name).is_file():
         return folder / name
   raise CheckpointError(f'autoencoder checkpoint directory {path} holds no {_DIFFUSERS_FILES[0]} '
-                        f'or {_DIFFUSERS_FILES[1]} (nor under vae/)')
+                        f'or {_DIFFUSERS_FILES[1]} (nor under vae/ or vqvae/)')
 
 
 def _first_stage_part(state_dict: StateDict) -> StateDict:

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from latent_diffusion import images as image_io
 from latent_diffusion.data import latents
 from latent_diffusion.diffusion import guidance, process, samplers, schedules
-from latent_diffusion.errors import ConfigError
+from latent_diffusion.errors import CheckpointError, ConfigError
 from latent_diffusion.models.autoencoder import latents_from_moments
 from latent_diffusion.models.conditioners import ClassEmbedder
 from latent_diffusion.models.denoiser import LatentDenoiser
@@ -275,6 +275,48 @@ def abstract_state(model, config, mesh):
   tx = make_optimizer(config.diffusion_train)
   abstract = jax.eval_shape(functools.partial(create_state, model, config, tx=tx), jax.random.PRNGKey(0))
   return abstract, sharding.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+
+
+def unet_kwargs(config) -> dict:
+  """build_unet's keyword arguments (what a converter needs to know of the U-Net's layout)."""
+  unet = build_unet(config)
+  return {field: getattr(unet, field) for field in unet.__dataclass_fields__
+          if field not in ('parent', 'name')}
+
+
+def save_converted(config, workdir) -> int:
+  """convert mode with convert.stage=diffusion: a whole LDM (a paper .ckpt or a diffusers pipeline
+  folder, config.convert.source) becomes complete stage-1 and stage-2 checkpoints in the workdir, at
+  their num_steps, so `sample` runs at once and `train` goes on from there. The U-Net's EMA copy is
+  taken when convert.use_ema and the checkpoint has one; it serves as both params and EMA."""
+  from latent_diffusion.convert import ldm  # pylint: disable=g-import-not-at-top
+  checkpoints = common.stage_checkpoints(workdir, STAGE, config.diffusion_train)
+  try:
+    if checkpoints.latest_step() is not None:
+      raise CheckpointError(f'{checkpoints.directory} already holds stage-2 checkpoints; convert into '
+                            'a new workdir (nothing was changed)')
+    mesh = sharding.make_mesh(config.mesh)
+    model = build_denoiser(config)
+    abstract, shardings = abstract_state(model, config, mesh)
+    params, scale_factor = ldm.load_denoiser_params(config.convert.source, model_params(abstract.params),
+                                                    unet_kwargs(config), config.convert.use_ema)
+    stage1.save_converted(config, workdir)
+    tx = make_optimizer(config.diffusion_train)
+    state = jax.jit(functools.partial(create_state, model, config, tx=tx),
+                    out_shardings=shardings)(jax.random.PRNGKey(config.seed + 1))
+    params = jax.device_put(dict(state.params, **params), shardings.params)
+    if scale_factor is None:
+      scale_factor = config.diffusion.scale_factor
+    step = config.diffusion_train.num_steps
+    state = state.replace(params=params, ema_params=params, step=jnp.asarray(step, jnp.int32),
+                          extras={'scale_factor': jax.device_put(jnp.asarray(scale_factor, jnp.float32),
+                                                                 sharding.replicated(mesh))})
+    checkpoints.save(step, state, force=True)
+    logging.info('convert: %s -> %s step %d (scale_factor %g)', config.convert.source,
+                 checkpoints.directory, step, scale_factor)
+    return step
+  finally:
+    checkpoints.close()
 
 
 def is_complete(config, workdir) -> bool:
