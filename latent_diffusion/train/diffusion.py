@@ -190,28 +190,36 @@ def run_sampler(sampling, model_fn, x_T, rng, schedule, num_steps: int, paramete
   raise ConfigError(f'sampling.sampler: {sampling.sampler!r} is not one of {", ".join(SAMPLERS)}')
 
 
+def guided_model_fn(model: LatentDenoiser, params, raw: dict, guidance_scale: float, null_label):
+  """A sampler's model_fn(x, t): the denoiser with the raw conditions encoded once, with classifier-free
+  guidance against the null conditions when guidance_scale != 1."""
+  variables = {'params': model_params(params)}
+  apply_fn = lambda x, t, encoded: model.apply(variables, x, t, encoded, method=model.denoise)
+  encoded = model.apply(variables, raw, method=model.condition)
+  if guidance_scale == 1.0:
+    return lambda x, t: apply_fn(x, t, encoded)
+  unconditional = model.apply(variables, conditioning.null_conditions(raw, null_label), method=model.condition)
+  return guidance.classifier_free_guidance(apply_fn, encoded, unconditional, guidance_scale)
+
+
+def sample_latents(model: LatentDenoiser, config, schedule, params, rng, raw, num_samples: int,
+                   num_steps: int) -> jax.Array:
+  """Latents (num_samples, h, w, c) drawn with config.sampling's sampler and guidance."""
+  model_fn = guided_model_fn(model, params, raw, config.sampling.guidance_scale, conditioning.null_label(config))
+  noise_rng, sampler_rng = jax.random.split(rng)
+  x_T = jax.random.normal(noise_rng, (num_samples,) + latent_shape(config))
+  return run_sampler(config.sampling, model_fn, x_T, sampler_rng, schedule, num_steps,
+                     config.diffusion.parameterization, config.diffusion.clip_denoised)
+
+
 def make_sampler(model: LatentDenoiser, autoencoder, config, schedule):
   """A jitted fn(params, ae_params, scale_factor, rng, raw, *, num_samples, num_steps) -> images
   (num_samples, H, W, 3) in [-1, 1]; raw holds the conditions (e.g. {'label': (N,)}) or is {}.
 
   It compiles once per (num_samples, num_steps): both are static, the loop is one scan.
   """
-  sampling, parameterization = config.sampling, config.diffusion.parameterization
-  null = conditioning.null_label(config)
-
   def sample(params, ae_params, scale_factor, rng, raw, *, num_samples, num_steps):
-    variables = {'params': model_params(params)}
-    apply_fn = lambda x, t, encoded: model.apply(variables, x, t, encoded, method=model.denoise)
-    encoded = model.apply(variables, raw, method=model.condition)
-    if sampling.guidance_scale != 1.0:
-      unconditional = model.apply(variables, conditioning.null_conditions(raw, null), method=model.condition)
-      model_fn = guidance.classifier_free_guidance(apply_fn, encoded, unconditional, sampling.guidance_scale)
-    else:
-      model_fn = lambda x, t: apply_fn(x, t, encoded)
-    noise_rng, sampler_rng = jax.random.split(rng)
-    x_T = jax.random.normal(noise_rng, (num_samples,) + latent_shape(config))
-    latents = run_sampler(sampling, model_fn, x_T, sampler_rng, schedule, num_steps, parameterization,
-                          config.diffusion.clip_denoised)
+    latents = sample_latents(model, config, schedule, params, rng, raw, num_samples, num_steps)
     decoded = autoencoder.apply({'params': ae_params}, latents / scale_factor, method=autoencoder.decode)
     return jnp.clip(decoded, -1.0, 1.0)
 
