@@ -100,9 +100,9 @@ def main():
                       for kernel, r in row.items())
     print(f'{name:22s} median ms fwd / fwd+bwd  {cells}', flush=True)
   text = json.dumps(report, indent=2)
-  print(text)
   if args.out:
     Path(args.out).write_text(text + '\n')
+  print(text)
 
 
 if __name__ == '__main__':

@@ -15,7 +15,9 @@ from latent_diffusion.models.layers import conv, dense, group_norm
 Dtype = Any
 
 # 'einsum': two einsums around a float32 softmax. 'xla' / 'cudnn': jax.nn.dot_product_attention with
-# that implementation ('cudnn' needs a GPU and float16/bfloat16). 'auto': the faster one per backend.
+# that implementation ('cudnn' needs a GPU and float16/bfloat16, and rejected 77 context tokens on an
+# H200 with jax 0.11.2). 'auto': the measured winner on CPU, elsewhere implementation=None (jax's
+# choice; XLA in jax 0.10.2 and 0.11.2, where cuDNN is used only when asked for).
 ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn')
 
 # benchmarks/attention.py on the shared 2-core CPU (jax 0.10.2, float32, B=4, 8 heads of 24 and 32,
