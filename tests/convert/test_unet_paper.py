@@ -1,6 +1,6 @@
 """Tests for convert/unet_paper.py: the paper's openaimodel.UNetModel (the `ldm` package, PyTorch) with
 random weights, converted and run beside ours for small configurations covering every option; the
-LitEma copy; errors."""
+LitEma copy; errors; and agreement with diffusers' own single-file conversion of the same checkpoint."""
 
 import math
 import re
@@ -9,6 +9,9 @@ import jax
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
+                                                create_unet_diffusers_config_from_ldm)
 from ldm.modules.diffusionmodules.openaimodel import UNetModel as PaperUNet
 
 from latent_diffusion.convert.unet_paper import paper_unet_key, params_from_paper_unet_state_dict
@@ -33,6 +36,16 @@ CONFIGS = {
         SMALL, channel_mult=(1, 3), attention_resolutions=(2,), num_head_channels=64,
         use_spatial_transformer=True, context_dim=24, legacy=False),
 }
+
+
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+  """PyTorch on one thread (every test in this file): these models are small, and with two threads on
+  a busy 2-core machine a tiny forward pass can take seconds (threads waiting on each other)."""
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)
 
 
 def paper_unet(settings, seed=0):
@@ -212,3 +225,88 @@ def test_wrong_shape_is_a_checkpoint_error_naming_key_and_both_shapes(checkpoint
   message = f'{key} has shape {shape}, the model needs {expected}'
   with pytest.raises(CheckpointError, match=re.escape(message)):
     params_from_paper_unet_state_dict(broken, abstract, prefix='')
+
+
+# --- Cross-check against diffusers' own single-file conversion (independent of our key mapping) ---
+# diffusers.loaders.single_file_utils is what UNet2DConditionModel.from_single_file runs on a paper /
+# Stable Diffusion .ckpt: create_unet_diffusers_config_from_ldm derives the diffusers config from the
+# original (OmegaConf-style) config, convert_ldm_unet_checkpoint renames model.diffusion_model.* (or,
+# with extract_ema, the LitEma copy). It handles only SpatialTransformer U-Nets (attention blocks are
+# renamed verbatim into Transformer2DModel's names), so both configurations below use one.
+SINGLE_FILE_CONFIGS = {
+    'SD-1 style: cross-attention at two of three levels, two res blocks': dict(
+        in_channels=4, out_channels=4, model_channels=32, num_res_blocks=2, attention_resolutions=(1, 2),
+        channel_mult=(1, 2, 2), num_heads=2, use_spatial_transformer=True, context_dim=24),
+    'class-conditional, transformer depth 2 at the low level only, in != out channels': dict(
+        in_channels=3, out_channels=6, model_channels=32, num_res_blocks=1, attention_resolutions=(2,),
+        channel_mult=(1, 2), num_heads=4, use_spatial_transformer=True, context_dim=16, transformer_depth=2,
+        num_classes=5),
+}
+
+
+def original_config(settings):
+  """The paper's YAML config as the plain nested dict diffusers' helper reads (no OmegaConf needed: it
+  indexes model.params.unet_config.params, and first_stage_config.params.ddconfig.ch_mult only for
+  sample_size, which the forward pass does not use)."""
+  unet_params = {'transformer_depth': 1, 'context_dim': None, **settings}
+  return {'model': {'params': {
+      'unet_config': {'target': 'ldm.modules.diffusionmodules.openaimodel.UNetModel', 'params': unet_params},
+      'first_stage_config': {'params': {'ddconfig': {'ch_mult': [1, 2, 4, 4]}}}}}}
+
+
+def diffusers_unet_from_single_file(checkpoint, settings, extract_ema=False):
+  """diffusers' UNet2DConditionModel for a Lightning checkpoint, built and filled by its single-file
+  utilities; strict loading: every diffusers parameter comes from the checkpoint."""
+  torch_checkpoint = {key: torch.from_numpy(np.asarray(value)) for key, value in checkpoint.items()}
+  config = create_unet_diffusers_config_from_ldm(original_config(settings), torch_checkpoint)
+  converted = convert_ldm_unet_checkpoint(torch_checkpoint, config, extract_ema=extract_ema)
+  module = UNet2DConditionModel(**config)
+  module.load_state_dict(converted, strict=True)
+  return module.eval(), converted
+
+
+def run_diffusers(module, x, timesteps, context, labels):
+  with torch.no_grad():
+    out = module(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(timesteps),
+                 encoder_hidden_states=torch.from_numpy(context),
+                 class_labels=None if labels is None else torch.from_numpy(labels)).sample
+  return out.numpy().transpose(0, 2, 3, 1)
+
+
+def run_ours_from_checkpoint(checkpoint, settings, arrays, ema=False):
+  model = ours(settings)
+  params = params_from_paper_unet_state_dict(checkpoint, abstract_params(model, *arrays), ema=ema)
+  return np.asarray(jax.jit(lambda p, *a: model.apply({'params': p}, *a))(params, *arrays))
+
+
+@pytest.mark.parametrize('name', SINGLE_FILE_CONFIGS)
+def test_paper_keys_agree_with_diffusers_single_file_conversion(name):
+  settings = SINGLE_FILE_CONFIGS[name]
+  state_dict = state_dict_of(paper_unet(settings))
+  checkpoint = {f'model.diffusion_model.{key}': value for key, value in state_dict.items()}
+  module, converted = diffusers_unet_from_single_file(checkpoint, settings)
+  # diffusers used every paper tensor (strict load covered the other direction).
+  assert sum(v.numel() for v in converted.values()) == sum(v.size for v in state_dict.values())
+  if settings.get('num_classes'):
+    assert module.config.num_class_embeds == settings['num_classes']
+  arrays = inputs(settings)
+  expected = run_diffusers(module, *arrays)
+  out = run_ours_from_checkpoint(checkpoint, settings, arrays)
+  assert out.shape == (BATCH, SIZE, SIZE, settings['out_channels']) == expected.shape
+  assert 0.5 < np.abs(expected).max() < 50  # O(1) outputs: the tolerance below means something
+  np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
+
+
+def test_ema_copy_agrees_with_diffusers_single_file_extract_ema():
+  """Our ema=True and diffusers' extract_ema=True read the same LitEma tensors (the model weights,
+  from another seed, would give a different output)."""
+  settings = SINGLE_FILE_CONFIGS['SD-1 style: cross-attention at two of three levels, two res blocks']
+  checkpoint = lightning_checkpoint(state_dict_of(paper_unet(settings, seed=0)),
+                                    state_dict_of(paper_unet(settings, seed=1)))
+  assert sum(key.startswith('model_ema') for key in checkpoint) > 100  # diffusers' test for an EMA copy
+  module, _ = diffusers_unet_from_single_file(checkpoint, settings, extract_ema=True)
+  arrays = inputs(settings)
+  expected = run_diffusers(module, *arrays)
+  assert np.abs(expected - run_ours_from_checkpoint(checkpoint, settings, arrays)).max() > 0.1
+  np.testing.assert_allclose(run_ours_from_checkpoint(checkpoint, settings, arrays, ema=True), expected,
+                             atol=1e-4, rtol=0)
