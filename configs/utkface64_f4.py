@@ -34,6 +34,7 @@ def get_config():
   dt.checkpoint_every_steps = 500
   dt.sample_every_steps = 1000
   dt.precompute_latents = True
+  config.data.flip = False  # the latent cache then holds each face once: encoding is the slow part here
 
   s = config.sampling
   s.num_samples = 36
