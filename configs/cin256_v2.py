@@ -5,7 +5,7 @@ guidance (the released model samples with guidance scale ~1.5-3); no EMA; lr 1e-
 runs it with scale_lr false). Data: TFDS imagenet2012 (manual download, prepared beforehand).
 """
 
-from configs.paper_ldm import VQ_F4, paper_ldm
+from configs.paper_ldm import VQ_F4, imagenet_class_conditional, paper_ldm
 
 
 def get_config():
@@ -14,14 +14,6 @@ def get_config():
       unet=dict(model_channels=192, attention_resolutions=(8, 4, 2), num_res_blocks=2, channel_mult=(1, 2, 3, 5),
                 num_heads=1, use_spatial_transformer=True, transformer_depth=1, context_dim=512,
                 use_scale_shift_norm=False, resblock_updown=False))
-  config.data.source = 'tfds'
-  config.data.tfds_name = 'imagenet2012'
-  config.data.tfds_split = 'train'
-  config.data.tfds_eval_split = 'validation'
-  config.data.num_classes = 1000
-  config.diffusion.conditioning_key = 'crossattn'
-  config.cond_stage.kind = 'class'
-  config.cond_stage.n_classes = 1001
-  config.cond_stage.embed_dim = 512
+  imagenet_class_conditional(config, n_classes=1001)
   config.sampling.use_ema = False
   return config

@@ -4,7 +4,7 @@ VQ-f8 (32x32x4 latents), a SpatialTransformer U-Net cross-attending to the paper
 (1000 classes, 512-d). Data: TFDS imagenet2012 (manual download, prepared beforehand).
 """
 
-from configs.paper_ldm import VQ_F8, paper_ldm
+from configs.paper_ldm import VQ_F8, imagenet_class_conditional, paper_ldm
 
 
 def get_config():
@@ -13,13 +13,5 @@ def get_config():
       unet=dict(model_channels=256, attention_resolutions=(4, 2, 1), num_res_blocks=2, channel_mult=(1, 2, 4),
                 num_head_channels=32, use_spatial_transformer=True, transformer_depth=1, context_dim=512,
                 use_scale_shift_norm=False, resblock_updown=False))
-  config.data.source = 'tfds'
-  config.data.tfds_name = 'imagenet2012'
-  config.data.tfds_split = 'train'
-  config.data.tfds_eval_split = 'validation'
-  config.data.num_classes = 1000
-  config.diffusion.conditioning_key = 'crossattn'
-  config.cond_stage.kind = 'class'
-  config.cond_stage.n_classes = 1000
-  config.cond_stage.embed_dim = 512
+  imagenet_class_conditional(config, n_classes=1000)
   return config

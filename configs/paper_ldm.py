@@ -49,3 +49,18 @@ VQ_F8 = dict(kind='vq', ch_mult=(1, 2, 2, 4), z_channels=4, embed_dim=4, n_embed
 UNET_VQ_F4 = dict(model_channels=224, attention_resolutions=(8, 4, 2), num_res_blocks=2,
                   channel_mult=(1, 2, 3, 4), num_heads=8, num_head_channels=32,
                   use_scale_shift_norm=False, resblock_updown=False)
+
+
+def imagenet_class_conditional(config, n_classes: int):
+  """ImageNet (TFDS imagenet2012, prepared beforehand) and the paper's ClassEmbedder (512-d) under
+  cross-attention; n_classes rows (1001 = 1000 classes + the null class of guidance)."""
+  config.data.source = 'tfds'
+  config.data.tfds_name = 'imagenet2012'
+  config.data.tfds_split = 'train'
+  config.data.tfds_eval_split = 'validation'
+  config.data.num_classes = 1000
+  config.diffusion.conditioning_key = 'crossattn'
+  config.cond_stage.kind = 'class'
+  config.cond_stage.n_classes = n_classes
+  config.cond_stage.embed_dim = 512
+  return config

@@ -188,7 +188,7 @@ def _to_target(tensor: np.ndarray, target_shape: tuple[int, ...], leaf: str) -> 
 
 def _convert(state_dict: StateDict, abstract_params: Any, layout: str,
              source_keys: Callable[[tuple[str, ...]], list[str]],
-             ignored: Callable[[str], bool]) -> Any:
+             ignored: Callable[[str], bool], model: str = 'autoencoder') -> Any:
   """Fill every leaf of `abstract_params` from `state_dict`; missing, unexpected or misshapen
   tensors raise a CheckpointError naming the first one (in our tree's order)."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
@@ -204,12 +204,12 @@ def _convert(state_dict: StateDict, abstract_params: Any, layout: str,
     path, key = missing[0]
     more = f' and {len(missing) - 1} more' if len(missing) > 1 else ''
     raise CheckpointError(f'{layout} checkpoint lacks {key} (for {"/".join(path)}){more}: '
-                          'does the autoencoder config match the checkpoint?')
+                          f'does the {model} config match the checkpoint?')
   unexpected = sorted(set(state_dict) - set(chosen) - {key for key in state_dict if ignored(key)})
   if unexpected:
     more = f' and {len(unexpected) - 1} more' if len(unexpected) > 1 else ''
     raise CheckpointError(f'{layout} checkpoint has {unexpected[0]}{more}, which the model does not '
-                          'use: does the autoencoder config match the checkpoint?')
+                          f'use: does the {model} config match the checkpoint?')
   values = []
   for path, (_, target), key in zip(paths, leaves, chosen):
     tensor = np.asarray(state_dict[key])

@@ -169,11 +169,8 @@ def params_from_diffusers_unet_state_dict(state_dict: StateDict, abstract_params
   model = UNetModel(**unet_kwargs)
   layers = _layer_prefixes(model)
   state_dict = _fuse_attention_qkv(state_dict, layers, model)
-  try:
-    return _convert(state_dict, abstract_params, 'diffusers U-Net',
-                    lambda path: _diffusers_keys(path, layers), ignored=lambda key: False)
-  except CheckpointError as error:  # the shared converter speaks of the autoencoder
-    raise CheckpointError(str(error).replace('autoencoder config', 'U-Net config')) from None
+  return _convert(state_dict, abstract_params, 'diffusers U-Net',
+                  lambda path: _diffusers_keys(path, layers), ignored=lambda key: False, model='U-Net')
 
 
 def load_diffusers_unet(path: str | Path) -> tuple[dict, Any]:
