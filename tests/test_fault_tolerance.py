@@ -43,7 +43,7 @@ def final_state(workdir, stage, config=None):
   """The latest checkpoint of a stage, restored onto this process's single device, as numpy."""
   config = config or tiny()
   module = STAGES[stage]
-  model = autoencoder.build_autoencoder(config) if stage == 'autoencoder' else diffusion.build_unet(config)
+  model = autoencoder.build_autoencoder(config) if stage == 'autoencoder' else diffusion.build_denoiser(config)
   abstract, shardings = module.abstract_state(model, config, sharding.make_mesh(config.mesh))
   checkpoints = common.stage_checkpoints(workdir, stage)
   try:
