@@ -9,8 +9,9 @@ from latent_diffusion.models.conditioners import ClassEmbedder
 from latent_diffusion.models.denoiser import LatentDenoiser
 from latent_diffusion.models.unet import UNetModel
 
-UNET = dict(out_channels=4, model_channels=32, num_res_blocks=1, attention_resolutions=(2,),
-            channel_mult=(1, 2), num_heads=2)
+# One level, attention (or the spatial transformer) in the middle block only: quick to compile.
+UNET = dict(out_channels=4, model_channels=32, num_res_blocks=1, attention_resolutions=(),
+            channel_mult=(1,), num_heads=2)
 
 
 def build(key, **unet):
@@ -25,7 +26,7 @@ def init_and_randomise(model, raw):
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   params = jax.tree.unflatten(tree, [0.1 * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
   x = jax.random.normal(jax.random.PRNGKey(2), x.shape)
-  return params, lambda raw_: model.apply({'params': params}, x, t, raw_)
+  return params, jax.jit(lambda raw_: model.apply({'params': params}, x, t, raw_))
 
 
 def test_concat_stacks_the_condition_on_the_unet_input_channels():
@@ -67,7 +68,7 @@ def test_unconditional_denoise_equals_the_bare_unet():
   params, apply = init_and_randomise(model, {})
   x, t = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 4)), jnp.array([3, 7])
   bare = UNetModel(**UNET).apply({'params': params['unet']}, x, t)
-  np.testing.assert_array_equal(apply({}), bare)
+  np.testing.assert_allclose(apply({}), bare, atol=1e-6)  # jitted vs op-by-op: float rounding only
 
 
 def test_a_missing_condition_is_a_clear_error():
