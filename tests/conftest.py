@@ -67,3 +67,15 @@ def random_params(abstract_params, seed=0):
 def make_random_params():
   """make_random_params(abstract_params, seed=0) -> random numpy params of the same structure."""
   return random_params
+
+
+@pytest.fixture(scope='module')
+def single_torch_thread():
+  """PyTorch on one thread for a test module (`pytestmark = pytest.mark.usefixtures(...)`): its
+  reference models are small, and with two threads on a busy 2-core machine a tiny forward pass took
+  seconds (threads waiting on each other) instead of ~0.1 s."""
+  import torch  # pylint: disable=g-import-not-at-top
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(threads)

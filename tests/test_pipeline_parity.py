@@ -35,14 +35,7 @@ VQ_BLOCKS = dict(layers_per_block=2, latent_channels=3, vq_embed_dim=3, num_vq_e
                  down_block_types=('DownEncoderBlock2D',) * 3, up_block_types=('UpDecoderBlock2D',) * 3)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def single_torch_thread():
-  """PyTorch on one thread: these models are small, and with two threads on a busy 2-core machine
-  a tiny forward pass took seconds (threads waiting on each other) instead of ~0.1 s."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_torch_thread')
 
 
 def random_pipeline(unet_channels, vq_channels, image_size, seed):

@@ -54,14 +54,7 @@ UNET_2D_CONDITION_CONFIGS = {
 }
 
 
-@pytest.fixture(scope='module', autouse=True)
-def single_torch_thread():
-  """PyTorch on one thread: these models are small, and with two threads on a busy 2-core machine
-  a tiny forward pass took seconds (threads waiting on each other) instead of ~0.1 s."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_torch_thread')
 
 
 def diffusers_config(module):

@@ -2,7 +2,6 @@
 random weights, converted and run beside ours for small configurations covering every option; the
 LitEma copy; errors; and agreement with diffusers' own single-file conversion of the same checkpoint."""
 
-import math
 import re
 
 import jax
@@ -17,6 +16,7 @@ from ldm.modules.diffusionmodules.openaimodel import UNetModel as PaperUNet
 from latent_diffusion.convert.unet_paper import paper_unet_key, params_from_paper_unet_state_dict
 from latent_diffusion.errors import CheckpointError
 from latent_diffusion.models.unet import UNetModel
+from tests.convert.test_autoencoder import random_module
 
 SIZE, BATCH, CONTEXT_LENGTH = 8, 2, 5
 SMALL = dict(in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1, attention_resolutions=(1, 2),
@@ -38,37 +38,16 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-  """PyTorch on one thread (every test in this file): these models are small, and with two threads on
-  a busy 2-core machine a tiny forward pass can take seconds (threads waiting on each other)."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_torch_thread')
 
 
 def paper_unet(settings, seed=0):
-  """The paper's UNetModel with every tensor random (it zero-initialises the out convs and proj_out):
-  weights N(0, 1/fan_in), norm scales N(1, 0.1^2), biases and norm offsets N(0, 0.1^2). Built on the
-  meta device first: PyTorch's own initialisation would be thrown away."""
+  """The paper's UNetModel with every tensor random (it zero-initialises the out convs and proj_out)."""
   settings = dict(settings)
   depth = settings.get('transformer_depth', 1)
   if settings.get('context_dim'):  # this ldm (stable-diffusion-sdkit) takes one context width per block
     settings['context_dim'] = [settings['context_dim']] * depth
-  with torch.device('meta'):
-    module = PaperUNet(image_size=SIZE, **{'num_heads': -1, **settings})
-  module.to_empty(device='cpu')
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, parameter in module.named_parameters():
-      if parameter.ndim > 1:
-        parameter.normal_(0.0, 1.0 / math.sqrt(math.prod(parameter.shape[1:])), generator=generator)
-      elif name.endswith('weight'):
-        parameter.normal_(1.0, 0.1, generator=generator)
-      else:
-        parameter.normal_(0.0, 0.1, generator=generator)
-  return module.eval()
+  return random_module(lambda: PaperUNet(image_size=SIZE, **{'num_heads': -1, **settings}), seed)
 
 
 def ours(settings):
