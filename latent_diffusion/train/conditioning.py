@@ -67,11 +67,6 @@ def check(config, needs_data: bool = True) -> None:
     raise ConfigError(f'diffusion.cond_drop_prob: must be in [0, 1), got {config.diffusion.cond_drop_prob}')
 
 
-def raw_conditions(config, batch) -> dict:
-  """The raw conditions of a batch that the model's conditioning_key uses."""
-  return {'label': batch['label']} if uses_labels(config) else {}
-
-
 def null_conditions(raw: dict, null: int | None) -> dict:
   """The unconditional version of raw conditions: every label the null class."""
   return {name: jnp.full_like(value, null) if name == 'label' else value for name, value in raw.items()}
