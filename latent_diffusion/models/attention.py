@@ -11,21 +11,25 @@ import jax
 import jax.numpy as jnp
 
 from latent_diffusion.models.layers import conv, dense, group_norm
+from latent_diffusion.models.sliced_attention import sliced_attention
 
 Dtype = Any
 
-# 'einsum': two einsums around a float32 softmax. 'xla' / 'cudnn': jax.nn.dot_product_attention with
+# 'einsum': two einsums around a float32 softmax. 'sliced': one (batch, head) slice at a time with a
+# recomputing backward (models/sliced_attention.py). 'xla' / 'cudnn': jax.nn.dot_product_attention with
 # that implementation ('cudnn' needs a GPU and float16/bfloat16, and rejected 77 context tokens on an
-# H200 with jax 0.11.2). 'auto': the measured winner on CPU, elsewhere implementation=None (jax's
-# choice; XLA in jax 0.10.2 and 0.11.2, where cuDNN is used only when asked for).
-ATTENTION_IMPLS = ('auto', 'einsum', 'xla', 'cudnn')
-
+# H200 with jax 0.11.2). 'auto': the measured winner on CPU (per size, below), elsewhere
+# implementation=None (jax's choice; XLA in jax 0.10.2 and 0.11.2, where cuDNN is used only when asked for).
+ATTENTION_IMPLS = ('auto', 'einsum', 'sliced', 'xla', 'cudnn')
 # benchmarks/attention.py on the shared 2-core CPU (jax 0.10.2, float32, B=4, 8 heads of 24 and 32,
 # 1024/256/64 query tokens, self- and 77-key cross-attention), median ms einsum vs xla: self 1024
 # forward 252 vs 525 and 234 vs 511, forward+backward 973 vs 982 and 919 vs 970; cross 1024x77
 # forward+backward 29 vs 35 and 40 vs 51; at 256 and 64 tokens forward within noise, forward+backward
-# einsum as fast or up to 25% faster.
+# einsum as fast or up to 25% faster. 'sliced' beat einsum at 1024x1024 (forward 87 vs 160 ms,
+# forward+backward 404 vs 669) but not at 256x256 or 1024x77 (forward+backward 34 vs 31, 39 vs 33 ms):
+# on CPU 'auto' slices from this many logits per (batch, head) on.
 CPU_ATTENTION_IMPL = 'einsum'
+CPU_SLICED_MIN_LOGITS = 512 * 512
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -41,17 +45,21 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v)
 
 
-def resolve_attention_impl(impl: str, backend: str | None = None) -> str:
-  """The kernel `impl` names on `backend` (default: jax's): 'einsum', 'xla', 'cudnn' or 'default'.
+def resolve_attention_impl(impl: str, backend: str | None = None, logits: int = 0) -> str:
+  """The kernel `impl` names on `backend` (default: jax's) for `logits` = Tq * Tk: 'einsum',
+  'sliced', 'xla', 'cudnn' or 'default'.
 
-  'auto' is the measured winner on CPU, and elsewhere 'default': jax.nn.dot_product_attention with
-  implementation=None, jax's own choice for the backend.
+  'auto' is the measured winner on CPU ('sliced' from CPU_SLICED_MIN_LOGITS on, else 'einsum'), and
+  elsewhere 'default': jax.nn.dot_product_attention with implementation=None, jax's own choice for
+  the backend.
   """
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f'attention_impl must be one of {", ".join(ATTENTION_IMPLS)}; got {impl!r}')
   if impl != 'auto':
     return impl
-  return CPU_ATTENTION_IMPL if (backend or jax.default_backend()) == 'cpu' else 'default'
+  if (backend or jax.default_backend()) != 'cpu':
+    return 'default'
+  return 'sliced' if logits >= CPU_SLICED_MIN_LOGITS else CPU_ATTENTION_IMPL
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = 'auto') -> jax.Array:
@@ -59,9 +67,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = 
 
   q (B,Tq,heads,d), k and v (B,Tk,heads,d) -> (B,Tq,heads,d).
   """
-  kernel = resolve_attention_impl(impl)
+  kernel = resolve_attention_impl(impl, logits=q.shape[1] * k.shape[1])
   if kernel == 'einsum':
     return einsum_attention(q, k, v)
+  if kernel == 'sliced':
+    return sliced_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation=None if kernel == 'default' else kernel)
 
 

@@ -132,7 +132,7 @@ def test_fresh_attention_block_is_the_identity():
 
 
 @pytest.mark.parametrize('query_tokens, key_tokens', [(16, 16), (16, 7)])
-@pytest.mark.parametrize('impl', ['xla', 'auto'])
+@pytest.mark.parametrize('impl', ['xla', 'sliced', 'auto'])
 def test_attention_kernels_agree_with_the_einsum_kernel(impl, query_tokens, key_tokens):
   rng = np.random.default_rng(query_tokens + key_tokens)
   q = rng.normal(size=(2, query_tokens, 3, 8)).astype(np.float32)
@@ -145,6 +145,8 @@ def test_attention_kernels_agree_with_the_einsum_kernel(impl, query_tokens, key_
 
 def test_auto_attention_is_the_cpu_choice_on_cpu_and_jax_default_elsewhere():
   assert attention.resolve_attention_impl('auto', 'cpu') == attention.CPU_ATTENTION_IMPL
+  assert attention.resolve_attention_impl('auto', 'cpu', logits=1024 * 1024) == 'sliced'
+  assert attention.resolve_attention_impl('auto', 'gpu', logits=1024 * 1024) == 'default'
   assert attention.resolve_attention_impl('auto', 'gpu') == 'default'
   assert attention.resolve_attention_impl('xla', 'gpu') == 'xla'
   assert attention.resolve_attention_impl('cudnn', 'gpu') == 'cudnn'
@@ -154,7 +156,7 @@ def test_auto_attention_is_the_cpu_choice_on_cpu_and_jax_default_elsewhere():
 
 
 def test_unknown_attention_impl_is_a_clear_error():
-  with pytest.raises(ValueError, match="attention_impl must be one of auto, einsum, xla, cudnn; got 'flash'"):
+  with pytest.raises(ValueError, match="attention_impl must be one of auto, einsum, sliced, xla, cudnn; got 'flash'"):
     attention.dot_product_attention(*np.zeros((3, 1, 2, 1, 4), np.float32), impl='flash')
 
 
@@ -327,3 +329,4 @@ def test_spatial_transformer_computes_in_bfloat16_with_float32_params(make_rando
   expected = jax.jit(full.apply)({'params': params}, x, context)
   np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=0.1)
   assert np.abs(expected - x).max() > 0.3  # far larger than the bfloat16 tolerance
+
