@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks import reference, timing
+from benchmarks import timing
 from latent_diffusion.train import autoencoder as stage1
 
 
@@ -14,7 +14,7 @@ def kl_codec(config, batch: int, repeats: int, with_reference: bool = True) -> d
   size = config.data.image_size
   model = stage1.build_autoencoder(config)
   images = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
-  params = jax.jit(lambda rng: model.init(rng, images[:1])['params'])(jax.random.PRNGKey(0))
+  params = timing.random_params(lambda: model.init(jax.random.PRNGKey(0), images[:1])['params'])
   encode = jax.jit(lambda p, x: model.apply({'params': p}, x, method=model.encode_moments))
   decode = jax.jit(lambda p, z: model.apply({'params': p}, z, method=model.decode))
   x = jnp.asarray(images)
@@ -23,6 +23,7 @@ def kl_codec(config, batch: int, repeats: int, with_reference: bool = True) -> d
           'decode': timing.measure(lambda: jax.block_until_ready(decode(params, z)), repeats)}
   theirs = {}
   if with_reference:
+    from benchmarks import reference  # pylint: disable=g-import-not-at-top
     torch.manual_seed(0)
     module = reference.diffusers_autoencoder(config.autoencoder)
     x_torch = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()

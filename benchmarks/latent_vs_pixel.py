@@ -32,7 +32,7 @@ def forward_seconds(kwargs: dict, shape: tuple, repeats: int) -> dict:
   model = UNetModel(**kwargs)
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
   t = jnp.full((shape[0],), 500, jnp.int32)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), x[:1], t[:1])
+  params = timing.random_params(model.init, jax.random.PRNGKey(0), x[:1], t[:1])
   apply = jax.jit(model.apply)
   return timing.measure(lambda: jax.block_until_ready(apply(params, x, t)), repeats)
 
@@ -40,7 +40,7 @@ def forward_seconds(kwargs: dict, shape: tuple, repeats: int) -> dict:
 def decode_seconds(config, batch: int, repeats: int) -> dict:
   model = stage1.build_autoencoder(config)
   size = config.data.image_size
-  params = jax.jit(lambda rng: model.init(rng, jnp.zeros((1, size, size, 3)))['params'])(jax.random.PRNGKey(0))
+  params = timing.random_params(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))['params'])
   z = jnp.zeros((batch,) + diffusion.latent_shape(config))
   decode = jax.jit(lambda p, z: model.apply({'params': p}, z, method=model.decode))
   return timing.measure(lambda: jax.block_until_ready(decode(params, z)), repeats)

@@ -24,14 +24,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
 
-# The XLA flag main.py sets by default (config.xla_cpu_fast_conv), before jax starts.
+# The XLA flag main.py sets by default (config.xla_cpu_fast_conv), before jax starts; it concerns
+# CPU convolutions only, so machines with an accelerator (whose jaxlib may not know it) go without.
 from latent_diffusion.main import FAST_CPU_CONV_FLAG  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-if FAST_CPU_CONV_FLAG.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
+ACCELERATOR_DEVICE_FILES = ('/dev/nvidia0', '/dev/accel0')
+if (FAST_CPU_CONV_FLAG.split('=')[0] not in os.environ.get('XLA_FLAGS', '')
+    and not any(Path(device).exists() for device in ACCELERATOR_DEVICE_FILES)):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + FAST_CPU_CONV_FLAG).strip()
 
 BENCHMARKS = ('unet_forward', 'unet_train', 'ddim_sample', 'kl_codec', 'compile', 'latent_vs_pixel',
-              'input_pipeline')
+              'input_pipeline', 'sampler_throughput', 'train_mfu')
+# What a run without --only measures: on CPU every pair against torch; on an accelerator (where the
+# reference side need not be installed) the throughput targets first.
+DEFAULT_CPU = BENCHMARKS[:7]
+DEFAULT_ACCELERATOR = ('sampler_throughput', 'train_mfu', 'unet_forward', 'unet_train', 'kl_codec',
+                       'latent_vs_pixel', 'compile')
 CHURCHES = 'configs/lsun_churches_f8.py'
 SMALL = 'configs/utkface64_f4.py'
 QUICK = 'benchmarks/quick_config.py'
@@ -48,13 +56,15 @@ def settings(args) -> dict:
   """Which configs, batches, steps and repeats each benchmark uses."""
   if args.quick:
     return dict(unet_cases=[('tiny', QUICK, 2)], ddim_cases=[('tiny', QUICK, 2, 4)], codec=(QUICK, 1),
-                compile=(QUICK, 1, (2, 20)), latent_vs_pixel=(QUICK, 1, 10), pipeline=(QUICK, 2, 2), repeats=1)
+                compile=(QUICK, 1, (2, 20)), latent_vs_pixel=(QUICK, 1, 10), pipeline=(QUICK, 2, 2),
+                throughput=(QUICK, 2, 4, 2), repeats=1, dtype=args.dtype)
   gpu = args.batch_scale > 1
   return dict(unet_cases=[('churches', CHURCHES, 4 * args.batch_scale), ('small', SMALL, 16 * args.batch_scale)],
               ddim_cases=[('churches', CHURCHES, 4, 50), ('small', SMALL, 4, 50)],
               codec=(CHURCHES, 1 * args.batch_scale), compile=(CHURCHES, 4, (10, 200)),
               latent_vs_pixel=(CHURCHES, 1 * args.batch_scale, 200),
-              pipeline=(CHURCHES, 16, 8), repeats=args.repeats or (10 if gpu else 3))
+              pipeline=(CHURCHES, 16, 8), repeats=args.repeats or (10 if gpu else 3),
+              throughput=(CHURCHES, args.sampler_batch, 200, 96), dtype=args.dtype)
 
 
 def run_benchmark(name: str, s: dict, reference: bool) -> dict:
@@ -96,16 +106,34 @@ def run_benchmark(name: str, s: dict, reference: bool) -> dict:
       config.data.source, config.data.path = 'folder', str(REPO_ROOT.parent / 'shared/data/utkface200/train')
     return {f'{config.data.source} {config.data.image_size}px b{batch}':
             input_pipeline.images_per_second(config.data, batch, num_batches)}
+  if name in ('sampler_throughput', 'train_mfu'):
+    from benchmarks import throughput
+    path, sampler_batch, steps, train_batch = s['throughput']
+    config = load_config(path)
+    if name == 'sampler_throughput':
+      return {f'{impl} b{sampler_batch} {steps} steps {s["dtype"]}': dict(
+          throughput.sampler(config, sampler_batch, steps, s['repeats'], s['dtype'], impl), config=path)
+              for impl in s['attention_impls']}
+    return {f'{impl} b{train_batch} {s["dtype"]}': dict(
+        throughput.train_step(config, train_batch, s['repeats'], s['dtype'], impl, s['peak_tflops']), config=path)
+            for impl in s['attention_impls']}
   raise ValueError(f'unknown benchmark {name!r}; choose from {", ".join(BENCHMARKS)}')
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--only', default=','.join(BENCHMARKS), help='comma-separated: ' + ', '.join(BENCHMARKS))
+  parser.add_argument('--only', default='', help='comma-separated, of: ' + ', '.join(BENCHMARKS)
+                      + ' (default: ' + ', '.join(DEFAULT_CPU) + ' on CPU; ' + ', '.join(DEFAULT_ACCELERATOR)
+                      + ' elsewhere)')
   parser.add_argument('--quick', action='store_true', help='tiny shapes, one repeat: a smoke run')
   parser.add_argument('--no_reference', action='store_true', help='time ours only (no torch)')
   parser.add_argument('--repeats', type=int, default=0, help='timed repeats (default 3 on CPU, 10 on GPU)')
   parser.add_argument('--batch_scale', type=int, default=1, help='multiply the default batches (GPU runs)')
+  parser.add_argument('--dtype', default='bfloat16', help='sampler_throughput and train_mfu activations')
+  parser.add_argument('--sampler_batch', type=int, default=128, help='sampler_throughput batch')
+  parser.add_argument('--attention_impls', default='auto', help='sampler_throughput / train_mfu: comma-separated '
+                      'attention_impl values to compare (e.g. auto,cudnn)')
+  parser.add_argument('--peak_tflops', type=float, default=0.0, help='MFU denominator (default: datasheet bf16 peak)')
   parser.add_argument('--out', default='', help='result JSON (default benchmarks/results/<machine>-<date>.json)')
   parser.add_argument('--table', default='', help='print the markdown table of a result JSON and exit')
   args = parser.parse_args(argv)
@@ -113,7 +141,9 @@ def main(argv=None):
   if args.table:
     print(table.markdown(json.loads(Path(args.table).read_text())))
     return
-  names = [n for n in args.only.split(',') if n]
+  import jax  # pylint: disable=g-import-not-at-top
+  names = [n for n in args.only.split(',') if n] or list(
+      DEFAULT_CPU if jax.default_backend() == 'cpu' else DEFAULT_ACCELERATOR)
   unknown = [n for n in names if n not in BENCHMARKS]
   if unknown:
     parser.error(f'--only: unknown benchmark(s) {", ".join(unknown)}; choose from {", ".join(BENCHMARKS)}')
@@ -121,7 +151,8 @@ def main(argv=None):
   if reference:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(os.cpu_count())
-  s = dict(settings(args), quick=args.quick)
+  s = dict(settings(args), quick=args.quick, attention_impls=args.attention_impls.split(','),
+           peak_tflops=args.peak_tflops or None)
   machine = timing.machine()
   date = datetime.date.today().isoformat()
   out = Path(args.out) if args.out else (

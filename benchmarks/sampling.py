@@ -3,7 +3,6 @@
 import jax
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 
 from benchmarks import timing, unet
 from latent_diffusion.train import diffusion
@@ -15,15 +14,18 @@ def our_sampler(config, batch: int, num_steps: int):
   config.sampling.sampler, config.sampling.eta = 'ddim', 0.0
   model = diffusion.build_denoiser(config)
   schedule = diffusion.schedule_from_config(config)
-  params = jax.jit(lambda rng: diffusion.init_params(model, config, rng))(jax.random.PRNGKey(0))
+  params = timing.random_params(lambda: diffusion.init_params(model, config, jax.random.PRNGKey(0)))
   raw = diffusion.sample_conditions(config, batch)
   sample = jax.jit(lambda params, rng: diffusion.sample_latents(model, config, schedule, params, rng, raw,
                                                                 batch, num_steps))
   return lambda: jax.block_until_ready(sample(params, jax.random.PRNGKey(1)))
 
 
-def torch_scheduler(config) -> DDIMScheduler:
-  """diffusers' DDIM with the config's betas and the paper's uniform spacing (steps_offset 1)."""
+def torch_scheduler(config):
+  """diffusers' DDIMScheduler with the config's betas and the paper's uniform spacing (steps_offset 1)."""
+  # benchmarks.reference stubs the torchvision ops that diffusers' imports would otherwise fail on.
+  from benchmarks import reference  # pylint: disable=g-import-not-at-top,unused-import
+  from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
   betas = np.asarray(diffusion.schedule_from_config(config).betas, np.float32)
   return DDIMScheduler(num_train_timesteps=len(betas), trained_betas=betas, clip_sample=False,
                        set_alpha_to_one=False, steps_offset=1, timestep_spacing='leading')

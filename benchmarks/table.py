@@ -36,6 +36,19 @@ def markdown(results: dict) -> str:
               f'(attention at ds {row["pixel_attention_resolutions"]}), decode {_ms(row["decode"])} ms: '
               f'{row["latent_samples_per_s"]:.3g} vs {row["pixel_samples_per_s"]:.3g} samples/s, '
               f'{row["speedup"]:.1f}x.']
+  if 'sampler_throughput' in benchmarks:
+    lines += ['', '| sampler_throughput | compile s | samples/s (latents) | samples/s with decode | U-Net TFLOP/s |',
+              '| --- | --- | --- | --- | --- |']
+    for case, row in benchmarks['sampler_throughput'].items():
+      lines.append(f'| {case} | {row["compile_s"]:.1f} | {row["samples_per_s"]:.1f} | '
+                   f'{row["samples_per_s_with_decode"]:.1f} | {row["unet_tflops_per_s"]:.1f} |')
+  if 'train_mfu' in benchmarks:
+    lines += ['', '| train_mfu | compile s | step ms | counted TFLOP/step | TFLOP/s | MFU | images/s |',
+              '| --- | --- | --- | --- | --- | --- | --- |']
+    for case, row in benchmarks['train_mfu'].items():
+      mfu = f'{100 * row["mfu"]:.1f}% of {row["peak_tflops"]:g}' if row['mfu'] else '-'
+      lines.append(f'| {case} | {row["compile_s"]:.1f} | {_ms(row["step"])} | {row["counted_tflop_per_step"]:.2f} | '
+                   f'{row["achieved_tflops_per_s"]:.1f} | {mfu} | {row["images_per_s"]:.0f} |')
   for case, row in benchmarks.get('input_pipeline', {}).items():
     lines += ['', f'Input pipeline ({case}, {row["worker_count"]} workers): {row["images_per_s"]:.0f} images/s.']
   return '\n'.join(lines)

@@ -7,6 +7,8 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 
 def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
@@ -21,6 +23,14 @@ def measure(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
     times.append(time.perf_counter() - start)
   return {'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times),
           'repeats': len(times), 'times_s': times}
+
+
+def random_params(init_fn: Callable[..., object], *args, seed: int = 0):
+  """Parameters of init_fn(*args)'s shapes (jax.eval_shape: nothing compiles), as small float32
+  noise: times do not depend on the values, and compiling initialisers would dominate short runs."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda leaf: jnp.asarray(0.02 * rng.standard_normal(leaf.shape), leaf.dtype),
+                      jax.eval_shape(init_fn, *args))
 
 
 def blocking(fn: Callable[..., object]) -> Callable[..., object]:
@@ -64,6 +74,6 @@ def machine() -> dict:
   try:
     import diffusers  # pylint: disable=g-import-not-at-top
     facts['diffusers'] = diffusers.__version__
-  except ImportError:
+  except Exception:  # pylint: disable=broad-except  (absent, or its imports fail: no reference side)
     pass
   return facts

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from benchmarks import reference, timing
+from benchmarks import timing
 from latent_diffusion.train import diffusion
 
 
@@ -17,6 +17,7 @@ def latent_input(config, batch: int, seed: int = 0) -> np.ndarray:
 
 
 def torch_unet(config) -> torch.nn.Module:
+  from benchmarks import reference  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   return reference.diffusers_unet(diffusion.unet_kwargs(config))
 
@@ -26,7 +27,7 @@ def forward(config, batch: int, repeats: int, with_reference: bool = True) -> di
   unet = diffusion.build_unet(config)
   x = jnp.asarray(latent_input(config, batch))
   t = jnp.full((batch,), 500, jnp.int32)
-  params = jax.jit(unet.init)(jax.random.PRNGKey(0), x[:1], t[:1])
+  params = timing.random_params(unet.init, jax.random.PRNGKey(0), x[:1], t[:1])
   apply = jax.jit(unet.apply)
   ours = timing.measure(lambda: jax.block_until_ready(apply(params, x, t)), repeats)
   if not with_reference:
@@ -38,6 +39,7 @@ def forward(config, batch: int, repeats: int, with_reference: bool = True) -> di
     theirs = timing.measure(lambda: module(x_torch, t_torch), repeats)
   row = timing.compared(ours, theirs)
   # The torch weights run in ours give the torch output: both sides are the same function.
+  from benchmarks import reference  # pylint: disable=g-import-not-at-top
   row['max_abs_difference'] = reference.unet_output_difference(module, diffusion.unet_kwargs(config),
                                                                 x.shape[1])
   return row

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers
 
 from latent_diffusion.errors import CheckpointError, Preempted, TrainingError
 
@@ -24,8 +23,13 @@ def write_config(directory: Path, config) -> None:
     (directory / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
 
 
-def make_writer(directory: Path) -> metric_writers.MetricWriter:
-  """TensorBoard events in `directory` on process 0, plain logging elsewhere."""
+def make_writer(directory: Path):
+  """A clu MetricWriter: TensorBoard events in `directory` on process 0, plain logging elsewhere.
+
+  clu's writers import TensorFlow, so they are imported here, by training runs only: the models,
+  samplers and benchmarks import without it (as on accelerator images that lack it).
+  """
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   return metric_writers.create_default_writer(str(directory), just_logging=jax.process_index() > 0)
 
 
