@@ -78,11 +78,40 @@ def dense(features: int, dtype: Dtype = jnp.float32, zero_init: bool = False,
                   name=name)
 
 
+class GroupNorm(nn.Module):
+  """GroupNorm over (..., C) arrays with batch first, in float32; params `scale` and `bias` (C,) as
+  flax's nn.GroupNorm (the same numbers: variance as E[x^2] - E[x]^2, as its fast variance).
+
+  Statistics come from per-channel sums over the positions (channels stay the contiguous axis),
+  summed per group afterwards, and the normalisation is one fused multiply-add per element: on CPU
+  forward and backward take about half of nn.GroupNorm's time (1x256x256x128: 30 vs 51 ms forward,
+  40 vs 82 ms forward+backward with the swish after it; benchmarks/, kl_codec).
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f'GroupNorm: {channels} channels are not divisible into {self.num_groups} groups')
+    scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    positions = tuple(range(1, x.ndim - 1))
+    count = math.prod(x.shape[1:-1]) * (channels // self.num_groups)
+    per_group = lambda sums: sums.reshape(x.shape[0], self.num_groups, -1).sum(-1) / count  # (B, G)
+    mean = per_group(jnp.sum(x32, axis=positions))
+    variance = jnp.maximum(per_group(jnp.sum(x32 * x32, axis=positions)) - mean * mean, 0.0)
+    to_channels = lambda g: jnp.repeat(g, channels // self.num_groups, axis=1).reshape(
+        (x.shape[0],) + (1,) * len(positions) + (channels,))
+    multiplier = to_channels(jax.lax.rsqrt(variance + self.epsilon)) * scale
+    return x32 * multiplier + (bias - to_channels(mean) * multiplier)
+
+
 def group_norm(x: jax.Array, name: str, epsilon: float = 1e-6, num_groups: int = 32) -> jax.Array:
   """GroupNorm(32) computed in float32, cast back to x's dtype. Call inside a compact method."""
-  y = nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=jnp.float32,
-                   param_dtype=jnp.float32, name=name)(x.astype(jnp.float32))
-  return y.astype(x.dtype)
+  return GroupNorm(num_groups=num_groups, epsilon=epsilon, name=name)(x).astype(x.dtype)
 
 
 # Rematerialisation policy per config.remat. 'dots' saves conv and matmul outputs and recomputes norms,

@@ -309,3 +309,14 @@ def test_remat_block_keeps_params_loss_and_gradients(cls, args, remat, make_rand
   loss, grads = _block_value_and_grads(call_unoptimised, cls, remat, params, x, *args)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
   assert_grads_close(grads, expected_grads)
+
+
+@pytest.mark.parametrize('shape, groups', [((2, 5, 6, 64), 32), ((3, 7, 12), 4), ((1, 3, 3, 8), 8)])
+def test_group_norm_equals_flax_group_norm_with_the_same_parameters(shape, groups):
+  rng = np.random.default_rng(0)
+  x = (3.0 + rng.normal(size=shape)).astype(np.float32)
+  params = {'scale': rng.normal(size=shape[-1]).astype(np.float32),
+            'bias': rng.normal(size=shape[-1]).astype(np.float32)}
+  ours = layers.GroupNorm(num_groups=groups, epsilon=1e-5).apply({'params': params}, x)
+  expected = nn.GroupNorm(num_groups=groups, epsilon=1e-5).apply({'params': params}, x)
+  np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=1e-5)
