@@ -129,6 +129,7 @@ def main(argv=None):
   parser.add_argument('--no_reference', action='store_true', help='time ours only (no torch)')
   parser.add_argument('--repeats', type=int, default=0, help='timed repeats (default 3 on CPU, 10 on GPU)')
   parser.add_argument('--batch_scale', type=int, default=1, help='multiply the default batches (GPU runs)')
+  parser.add_argument('--cases', default='', help='unet_* and ddim_sample: only these cases (churches, small)')
   parser.add_argument('--dtype', default='bfloat16', help='sampler_throughput and train_mfu activations')
   parser.add_argument('--sampler_batch', type=int, default=128, help='sampler_throughput batch')
   parser.add_argument('--attention_impls', default='auto', help='sampler_throughput / train_mfu: comma-separated '
@@ -151,7 +152,12 @@ def main(argv=None):
   if reference:
     import torch  # pylint: disable=g-import-not-at-top
     torch.set_num_threads(os.cpu_count())
-  s = dict(settings(args), quick=args.quick, attention_impls=args.attention_impls.split(','),
+  s = settings(args)
+  if args.cases:
+    chosen = args.cases.split(',')
+    s.update(unet_cases=[c for c in s['unet_cases'] if c[0] in chosen],
+             ddim_cases=[c for c in s['ddim_cases'] if c[0] in chosen])
+  s = dict(s, quick=args.quick, attention_impls=args.attention_impls.split(','),
            peak_tflops=args.peak_tflops or None)
   machine = timing.machine()
   date = datetime.date.today().isoformat()

@@ -20,10 +20,11 @@ def markdown(results: dict) -> str:
            f'{machine["cpu"]} ({machine["cpu_count"]} cores); jax {machine["jax"]}'
            + (f', torch {machine["torch"]} ({machine.get("torch_threads")} threads)' if 'torch' in machine else '')
            + (f', diffusers {machine["diffusers"]}' if 'diffusers' in machine else '')
-           + f'; {results["repeats"]} repeats' + (' (quick)' if results.get('quick') else ''), '',
-           '| benchmark | case | ours ms, median (min-max) | diffusers/PyTorch ms | ours / reference |',
-           '| --- | --- | --- | --- | --- |']
-  lines.extend(_pairs(results))
+           + f'; {results["repeats"]} repeats' + (' (quick)' if results.get('quick') else '')]
+  pairs = list(_pairs(results))
+  if pairs:
+    lines += ['', '| benchmark | case | ours ms, median (min-max) | diffusers/PyTorch ms | ours / reference |',
+              '| --- | --- | --- | --- | --- |'] + pairs
   benchmarks = results['benchmarks']
   if 'compile' in benchmarks:
     lines += ['', '| compile | cold: lower + compile s | from the persistent cache s |', '| --- | --- | --- |']
