@@ -5,14 +5,12 @@ MFU = counted FLOPs per step / step time / the chip's dense bf16 peak (datasheet
 overrides). The count is XLA's cost analysis of the compiled step (forward, backward, optimizer).
 """
 
-import functools
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks import timing
+from benchmarks import timing, unet
 from latent_diffusion.train import autoencoder as stage1
 from latent_diffusion.train import diffusion
 
@@ -75,19 +73,9 @@ def sampler(config, batch: int, num_steps: int, repeats: int, dtype: str = 'bflo
 
 def train_step(config, batch: int, repeats: int, dtype: str = 'bfloat16', attention_impl: str = 'auto',
                peak: float | None = None) -> dict:
-  """The stage-2 train_step (as unet.our_train_step) with its counted FLOPs and MFU."""
+  """The stage-2 train_step (unet.train_step_program) with its counted FLOPs and MFU."""
   config = with_settings(config, dtype, attention_impl)
-  model = diffusion.build_denoiser(config)
-  tx = diffusion.make_optimizer(config.diffusion_train)
-  state = jax.jit(functools.partial(diffusion.create_state, model, config, tx=tx))(jax.random.PRNGKey(0))
-  step_fn = jax.jit(functools.partial(
-      diffusion.train_step, model=model, tx=tx, schedule=diffusion.schedule_from_config(config),
-      objective=diffusion.Objective.from_config(config), base_ema_decay=config.diffusion_train.ema_decay,
-      deterministic=True), donate_argnums=0)
-  h, w, c = diffusion.latent_shape(config)
-  rng = np.random.default_rng(0)
-  batch_arrays = {'moments': jnp.asarray(np.concatenate(
-      [rng.normal(size=(batch, h, w, c)), np.full((batch, h, w, c), -2.0)], -1).astype(np.float32))}
+  step_fn, state, batch_arrays = unet.train_step_program(config, batch)
   start = time.perf_counter()
   compiled = step_fn.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - start

@@ -45,8 +45,9 @@ def forward(config, batch: int, repeats: int, with_reference: bool = True) -> di
   return row
 
 
-def our_train_step(config, batch: int):
-  """(step(), state) running the stage-2 train_step of latent_diffusion on fixed KL moments."""
+def train_step_program(config, batch: int):
+  """(jitted step(state, batch) of train/diffusion.train_step, initial state, a batch of fixed KL
+  moments): the stage-2 training step as the training loop runs it."""
   model = diffusion.build_denoiser(config)
   tx = diffusion.make_optimizer(config.diffusion_train)
   state = jax.jit(functools.partial(diffusion.create_state, model, config, tx=tx))(jax.random.PRNGKey(0))
@@ -56,6 +57,12 @@ def our_train_step(config, batch: int):
       deterministic=True), donate_argnums=0)
   mean = latent_input(config, batch)
   moments = {'moments': jnp.asarray(np.concatenate([mean, np.full_like(mean, -2.0)], axis=-1))}
+  return step_fn, state, moments
+
+
+def our_train_step(config, batch: int):
+  """A blocking step() running train_step_program on its own state."""
+  step_fn, state, moments = train_step_program(config, batch)
   holder = [state]
 
   def step():
