@@ -320,3 +320,15 @@ def test_group_norm_equals_flax_group_norm_with_the_same_parameters(shape, group
   ours = layers.GroupNorm(num_groups=groups, epsilon=1e-5).apply({'params': params}, x)
   expected = nn.GroupNorm(num_groups=groups, epsilon=1e-5).apply({'params': params}, x)
   np.testing.assert_allclose(ours, expected, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('size, kernel, stride, padding', [
+    (2, 3, 1, ((1, 1), (1, 1))), (4, 3, 1, ((1, 1), (1, 1))), (8, 3, 2, ((0, 1), (0, 1))), (3, 1, 1, ((0, 0), (0, 0)))])
+def test_small_map_conv_as_matmul_equals_xla_convolution(size, kernel, stride, padding):
+  rng = np.random.default_rng(size)
+  x = rng.normal(size=(2, size, size, 8)).astype(np.float32)
+  w = rng.normal(size=(kernel, kernel, 8, 5)).astype(np.float32)
+  expected = jax.lax.conv_general_dilated(x, w, (stride, stride), padding,
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(layers.conv_as_matmul(x, w, (stride, stride), padding), expected,
+                             atol=1e-5, rtol=1e-5)
