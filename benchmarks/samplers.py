@@ -38,7 +38,7 @@ def load_config(path):
 def sampler_fn(config, model, schedule, name, num_steps, batch):
   """A jitted fn(params, rng, raw) -> latents for one sampler (as sample mode draws them, undecoded)."""
   config = config.copy_and_resolve_references()
-  config.sampling.sampler = name
+  config.sample.sampler = name
   return jax.jit(lambda params, rng, raw: diffusion.sample_latents(model, config, schedule, params, rng, raw,
                                                                    batch, num_steps))
 
@@ -55,7 +55,7 @@ def main():
   args = parser.parse_args()
   config = load_config(args.config)
   if args.guidance is not None:
-    config.sampling.guidance_scale = args.guidance
+    config.sample.guidance_scale = args.guidance
   model = diffusion.build_denoiser(config)
   schedule = diffusion.schedule_from_config(config)
   params = diffusion.init_params(model, config, jax.random.PRNGKey(0))
@@ -85,7 +85,7 @@ def main():
       (s0, r0), (s1, r1) = sorted(row['runs'].items())[0], sorted(row['runs'].items())[-1]
       row['marginal_step_s'] = (r1['median_s'] - r0['median_s']) / (r1['model_calls'] - r0['model_calls'])
     results.append(row)
-  record = {'config': args.config, 'batch': args.batch, 'guidance_scale': config.sampling.guidance_scale,
+  record = {'config': args.config, 'batch': args.batch, 'guidance_scale': config.sample.guidance_scale,
             'latent_shape': diffusion.latent_shape(config), 'backend': jax.default_backend(),
             'device': str(jax.devices()[0].device_kind), 'cpu': platform.processor() or platform.machine(),
             'jax': jax.__version__, 'results': results}

@@ -11,7 +11,7 @@ from latent_diffusion.train import diffusion
 def our_sampler(config, batch: int, num_steps: int):
   """A blocking fn() drawing `batch` latents with the config's DDIM sampler (no decode)."""
   config = config.copy_and_resolve_references()
-  config.sampling.sampler, config.sampling.eta = 'ddim', 0.0
+  config.sample.sampler, config.sample.eta = 'ddim', 0.0
   model = diffusion.build_denoiser(config)
   schedule = diffusion.schedule_from_config(config)
   params = timing.random_params(lambda: diffusion.init_params(model, config, jax.random.PRNGKey(0)))

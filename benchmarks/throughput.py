@@ -27,7 +27,7 @@ def peak_tflops(device_kind: str) -> float | None:
 def with_settings(config, dtype: str, attention_impl: str):
   config = config.copy_and_resolve_references()
   config.dtype, config.unet.attention_impl = dtype, attention_impl
-  config.sampling.sampler, config.sampling.eta = 'ddim', 0.0
+  config.sample.sampler, config.sample.eta = 'ddim', 0.0
   return config
 
 

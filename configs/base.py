@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.worker_count = 0      # grain worker processes (0 = in the main process)
   config.data.shuffle_buffer = 0    # unused with random-access sources; kept for streaming sources
   config.data.max_bad_fraction = 0.01  # undecodable images are skipped; above this fraction: error
+  config.data.low_res_size = 0      # super-resolution: side of the degraded input made on the fly (0 = none)
+  config.data.degradation = 'bicubic'  # super-resolution: bicubic (antialiased) | bsrgan_light (blur, resize, noise, JPEG)
+  config.data.inpainting_masks = False  # inpainting: a random mask per example (thick strokes and boxes)
 
   # Stage 1: AutoencoderKL or VQModel (the paper's ddconfig + embed_dim [+ n_embed]);
   # configs/autoencoder/ holds every first-stage model the paper released.
@@ -137,11 +140,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.unet.n_embed = 0                   # predict codebook ids (id_predictor head); 0 = off
   config.unet.attention_impl = 'auto'       # auto | einsum | xla | cudnn: attention kernel (auto = fastest measured)
 
-  # The conditioning model (the paper's cond_stage_config); issue-8 encoders extend it.
+  # The conditioning model (the paper's cond_stage_config) and the batch input it reads (cond_stage_key).
   config.cond_stage = ml_collections.ConfigDict()
-  config.cond_stage.kind = ''               # '' (none) | class: ClassEmbedder, labels -> (B, 1, embed_dim) context
+  config.cond_stage.kind = ''               # '' (none) | class | transformer | spatial_rescaler | first_stage | identity
+  config.cond_stage.key = 'label'           # batch input: label | caption | layout | segmentation | low_res | masked_image
+  config.cond_stage.trainable = True        # train the conditioning model with the U-Net (cond_stage_trainable)
   config.cond_stage.n_classes = 1000        # class: embedding rows (include a null class for guidance)
   config.cond_stage.embed_dim = 512         # class: embedding width (= unet.context_dim)
+  # transformer: the paper's TransformerEmbedder / BERTEmbedder (x-transformers Encoder, pre-norm).
+  config.cond_stage.n_embed = 512           # transformer: width (= unet.context_dim)
+  config.cond_stage.n_layer = 16            # transformer: attention layers
+  config.cond_stage.vocab_size = 30522      # transformer: token embedding rows
+  config.cond_stage.max_seq_len = 77        # transformer: tokens per condition (padded / truncated)
+  config.cond_stage.embedding_dropout = 0.0  # transformer: dropout on the embedded tokens
+  config.cond_stage.tokenizer = 'wordpiece'  # caption: wordpiece (a BERT vocab.txt) | word (words of the synthetic captions)
+  config.cond_stage.vocab_path = ''         # wordpiece: path of a BERT vocab.txt (bert-base-uncased: 30522 tokens)
+  config.cond_stage.layout_max_objects = 30  # layout: boxes per condition (the paper's OpenImages builder: 30)
+  config.cond_stage.layout_encode_crop = True  # layout: two extra tokens for the crop (max_seq_len = 3 x objects + 2)
+  # spatial_rescaler: one-hot semantic maps -> n_stages bilinear halvings -> a 1x1 conv to out_channels.
+  config.cond_stage.n_stages = 1
+  config.cond_stage.multiplier = 0.5
+  config.cond_stage.method = 'bilinear'
+  config.cond_stage.in_channels = 182       # spatial_rescaler: label classes of the map (one-hot width)
+  config.cond_stage.out_channels = 3        # spatial_rescaler: channels concatenated to the latents
+  config.cond_stage.bias = False
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.timesteps = 1000
@@ -176,17 +198,24 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion_train.sample_every_steps = 5000  # write a DDIM sample grid
   config.diffusion_train.precompute_latents = False  # encode the dataset once, train from the cache
 
-  config.sampling = ml_collections.ConfigDict()
-  config.sampling.num_samples = 16   # images per grid in sample mode
-  config.sampling.batch_size = 16    # images per compiled sampler call
-  config.sampling.sampler = 'ddim'   # ddim | ddpm | plms | dpm_solver (DPM-Solver++(2M))
-  config.sampling.num_steps = 50     # sampler steps (ddpm may take all diffusion.timesteps, the paper's chain)
-  config.sampling.eta = 0.0          # DDIM eta (0 = deterministic)
-  config.sampling.spacing = 'uniform'  # timestep spacing: uniform | quad | leading | trailing | linspace
-  config.sampling.guidance_scale = 1.0  # classifier-free guidance (1 = conditional only; needs a null class)
-  config.sampling.class_label = -1   # class-conditional models: the class of every sample (-1 = cycle classes)
-  config.sampling.use_ema = True     # sample with the EMA weights of the U-Net
-  config.sampling.seed = 0           # sample-mode noise seed
+  config.sample = ml_collections.ConfigDict()
+  config.sample.num_samples = 16   # images per grid in sample mode
+  config.sample.batch_size = 16    # images per compiled sampler call
+  config.sample.sampler = 'ddim'   # ddim | ddpm | plms | dpm_solver (DPM-Solver++(2M))
+  config.sample.num_steps = 50     # sampler steps (ddpm may take all diffusion.timesteps, the paper's chain)
+  config.sample.eta = 0.0          # DDIM eta (0 = deterministic)
+  config.sample.spacing = 'uniform'  # timestep spacing: uniform | quad | leading | trailing | linspace
+  config.sample.guidance_scale = 1.0  # classifier-free guidance (1 = conditional only; needs a null class)
+  config.sample.class_label = -1   # class-conditional models: the class of every sample (-1 = cycle classes)
+  config.sample.use_ema = True     # sample with the EMA weights of the U-Net
+  config.sample.seed = 0           # sample-mode noise seed
+  config.sample.height = 0          # sample side lengths in pixels (0 = data.image_size); convolutional
+  config.sample.width = 0           # models sample beyond their training size
+  config.sample.prompt = ''         # text models: the caption of every sample; several separated by '|'
+  config.sample.layout = ''         # layout models: a JSON file of boxes [{"class": k, "box": [x0, y0, x1, y1]}, ...]
+  config.sample.segmentation = ''   # semantic models: a PNG of class indices
+  config.sample.image = ''          # super-resolution: the low-resolution PNG; inpainting: the image to fill
+  config.sample.mask = ''           # inpainting: a PNG, white where the image is to be filled
 
   config.lock()
   return config

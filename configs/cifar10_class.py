@@ -5,7 +5,7 @@ PatchGAN in this short run and no LPIPS (no ImageNet VGG16 weights here). Stage 
 U-Net on the 16x16x4 latents with the class label added to its time embedding (conditioning_key
 'adm', the label embedding has an 11th row: the null class); 10% of the labels are dropped to the null
 class during training, so the one model samples conditionally, unconditionally and with guidance
-(sampling.guidance_scale). Data root: $LDM_DATA (default ../shared/data).
+(sample.guidance_scale). Data root: $LDM_DATA (default ../shared/data).
 """
 
 import os
@@ -75,7 +75,7 @@ def get_config():
   dt.sample_every_steps = 1000
   dt.precompute_latents = True
 
-  s = config.sampling
+  s = config.sample
   s.num_samples = 40                   # 4 per class
   s.batch_size = 40
   s.num_steps = 50

@@ -15,5 +15,5 @@ def get_config():
                 num_heads=1, use_spatial_transformer=True, transformer_depth=1, context_dim=512,
                 use_scale_shift_norm=False, resblock_updown=False))
   imagenet_class_conditional(config, n_classes=1001)
-  config.sampling.use_ema = False
+  config.sample.use_ema = False
   return config

@@ -50,10 +50,10 @@ def get_config():
   config.diffusion_train.checkpoint_every_steps = 250
   config.diffusion_train.sample_every_steps = 1000
 
-  config.sampling.num_samples = 16
-  config.sampling.batch_size = 16
-  config.sampling.num_steps = 50
+  config.sample.num_samples = 16
+  config.sample.batch_size = 16
+  config.sample.num_steps = 50
   # eta = 1 (DDPM-like ancestral noise) gives clean backgrounds after this short training; eta = 0
   # accumulates the young U-Net's errors into speckle.
-  config.sampling.eta = 1.0
+  config.sample.eta = 1.0
   return config

@@ -36,7 +36,7 @@ def get_config():
   dt.precompute_latents = True
   config.data.flip = False  # the latent cache then holds each face once: encoding is the slow part here
 
-  s = config.sampling
+  s = config.sample
   s.num_samples = 36
   s.batch_size = 36
   s.num_steps = 50

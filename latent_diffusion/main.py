@@ -35,8 +35,8 @@ def check_config(config) -> None:
                         ('diffusion.beta_schedule', ('linear', 'cosine', 'sqrt_linear', 'sqrt')),
                         ('diffusion.conditioning_key', ('', 'concat', 'crossattn', 'hybrid', 'adm')),
                         ('cond_stage.kind', ('', 'class')),
-                        ('sampling.sampler', ('ddim', 'ddpm', 'plms', 'dpm_solver')),
-                        ('sampling.spacing', ('uniform', 'quad', 'leading', 'trailing', 'linspace')),
+                        ('sample.sampler', ('ddim', 'ddpm', 'plms', 'dpm_solver')),
+                        ('sample.spacing', ('uniform', 'quad', 'leading', 'trailing', 'linspace')),
                         ('unet.attention_impl', ('auto', 'einsum', 'xla', 'cudnn')),
                         ('convert.stage', ('autoencoder', 'diffusion'))):
     section, field = name.split('.')
@@ -44,8 +44,8 @@ def check_config(config) -> None:
       raise ConfigError(f'{name}: {config[section][field]!r} is not one of {", ".join(allowed)}')
   if config.remat not in REMAT_POLICIES:
     raise ConfigError(f'remat: {config.remat!r} is not one of {", ".join(REMAT_POLICIES)}')
-  for name in ('autoencoder_train.batch_size', 'diffusion_train.batch_size', 'sampling.batch_size',
-               'sampling.num_samples', 'sampling.num_steps', 'data.image_size', 'log_every_steps',
+  for name in ('autoencoder_train.batch_size', 'diffusion_train.batch_size', 'sample.batch_size',
+               'sample.num_samples', 'sample.num_steps', 'data.image_size', 'log_every_steps',
                'autoencoder_train.accumulate_grad_batches', 'diffusion_train.accumulate_grad_batches',
                'max_nonfinite_steps', 'eval.batch_size'):
     section, field = name.split('.') if '.' in name else (None, name)
@@ -53,10 +53,10 @@ def check_config(config) -> None:
     if value <= 0:
       raise ConfigError(f'{name}: must be positive, got {value}')
   # DDPM may walk the whole chain; the others' spacings need a step below T.
-  most_steps = config.diffusion.timesteps - (config.sampling.sampler != 'ddpm')
-  if not 0 < config.sampling.num_steps <= most_steps:
-    raise ConfigError(f'sampling.num_steps: must be in [1, {most_steps}] for sampling.sampler='
-                      f'{config.sampling.sampler!r}, got {config.sampling.num_steps}')
+  most_steps = config.diffusion.timesteps - (config.sample.sampler != 'ddpm')
+  if not 0 < config.sample.num_steps <= most_steps:
+    raise ConfigError(f'sample.num_steps: must be in [1, {most_steps}] for sample.sampler='
+                      f'{config.sample.sampler!r}, got {config.sample.num_steps}')
   for section in ('autoencoder', 'unet'):
     widths = ([config.autoencoder.ch * m for m in config.autoencoder.ch_mult] if section == 'autoencoder'
               else [config.unet.model_channels * m for m in config.unet.channel_mult])

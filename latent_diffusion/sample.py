@@ -12,7 +12,7 @@ from latent_diffusion.train import common, diffusion, loop, sharding
 
 
 def sample(config, workdir):
-  """Write config.sampling.num_samples images as a grid to <workdir>/diffusion/samples/."""
+  """Write config.sample.num_samples images as a grid to <workdir>/diffusion/samples/."""
   mesh = sharding.make_mesh(config.mesh)
   autoencoder, ae_params = stage1.load_params(config, workdir, mesh)
   model = diffusion.build_denoiser(config)
@@ -24,9 +24,9 @@ def sample(config, workdir):
   abstract, shardings = diffusion.abstract_state(model, config, mesh)
   state = checkpoints.restore(loop.abstract_with_shardings(abstract, shardings))
   checkpoints.close()
-  params = state.ema_params if config.sampling.use_ema else state.params
+  params = state.ema_params if config.sample.use_ema else state.params
 
-  sampling = config.sampling
+  sampling = config.sample
   sampler = diffusion.make_sampler(model, autoencoder, config, diffusion.schedule_from_config(config))
   conditions = diffusion.sample_conditions(config, sampling.num_samples)
   rng = jax.random.PRNGKey(sampling.seed)
@@ -40,8 +40,8 @@ def sample(config, workdir):
                                       num_samples=sampling.batch_size, num_steps=sampling.num_steps)))
   samples = np.concatenate(batches)[:sampling.num_samples]
   name = f'sample_step{step}_{diffusion.sampler_tag(config)}_seed{sampling.seed}'
-  if config.sampling.class_label >= 0:
-    name += f'_class{config.sampling.class_label}'
+  if config.sample.class_label >= 0:
+    name += f'_class{config.sample.class_label}'
   path = image_io.save_grid(common.stage_dir(workdir, diffusion.STAGE) / 'samples' / f'{name}.png', samples)
   logging.info('sample: wrote %d images to %s', len(samples), path)
   print(f'wrote {path}')

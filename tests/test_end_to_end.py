@@ -44,9 +44,9 @@ def shrunk_churches_config(mode: str):
   config.diffusion_train.warmup_steps = 1
   config.diffusion_train.checkpoint_every_steps = 1
   config.diffusion_train.sample_every_steps = 0
-  config.sampling.num_samples = 2
-  config.sampling.batch_size = 2
-  config.sampling.num_steps = 2
+  config.sample.num_samples = 2
+  config.sample.batch_size = 2
+  config.sample.num_steps = 2
   config.log_every_steps = 1
   return config
 

@@ -143,15 +143,15 @@ def test_default_config_passes_the_checks():
 
 
 def test_ddpm_may_walk_the_whole_chain_but_ddim_may_not():
-  main.check_config(config_with(sampling__sampler='ddpm', sampling__num_steps=1000))
-  with pytest.raises(ConfigError, match='sampling.num_steps'):
-    main.check_config(config_with(sampling__sampler='ddim', sampling__num_steps=1000))
+  main.check_config(config_with(sample__sampler='ddpm', sample__num_steps=1000))
+  with pytest.raises(ConfigError, match='sample.num_steps'):
+    main.check_config(config_with(sample__sampler='ddim', sample__num_steps=1000))
 
 
 @pytest.mark.parametrize('fields, name', [
     (dict(mode='bogus'), 'mode'),
     (dict(autoencoder_train__batch_size=0), 'autoencoder_train.batch_size'),
-    (dict(sampling__num_steps=1000), 'sampling.num_steps'),
+    (dict(sample__num_steps=1000), 'sample.num_steps'),
     (dict(log_every_steps=-1), 'log_every_steps'),
     (dict(autoencoder__ch=48), 'autoencoder'),           # 48 channels: not GroupNorm(32)-able
     (dict(unet__model_channels=40), 'unet'),
@@ -159,8 +159,8 @@ def test_ddpm_may_walk_the_whole_chain_but_ddim_may_not():
     (dict(remat='some'), 'remat'),
     (dict(diffusion_train__accumulate_grad_batches=0), 'diffusion_train.accumulate_grad_batches'),
     (dict(max_nonfinite_steps=0), 'max_nonfinite_steps'),
-    (dict(sampling__sampler='euler'), 'sampling.sampler'),
-    (dict(sampling__spacing='random'), 'sampling.spacing'),
+    (dict(sample__sampler='euler'), 'sample.sampler'),
+    (dict(sample__spacing='random'), 'sample.spacing'),
     (dict(diffusion__parameterization='score'), 'diffusion.parameterization'),
     (dict(diffusion__conditioning_key='film'), 'diffusion.conditioning_key'),
     (dict(diffusion__conditioning_key='adm'), 'diffusion.conditioning_key'),  # no label embedding

@@ -37,7 +37,7 @@ def get_config():
   config.diffusion_train.checkpoint_every_steps = 1
   config.diffusion_train.keep_checkpoints = 2
   config.diffusion_train.sample_every_steps = 0
-  config.sampling.num_samples = 2
-  config.sampling.batch_size = 2
-  config.sampling.num_steps = 4
+  config.sample.num_samples = 2
+  config.sample.batch_size = 2
+  config.sample.num_steps = 4
   return config

@@ -56,7 +56,7 @@ def check(config, needs_data: bool = True) -> None:
     if label_rows(config) < config.data.num_classes:
       raise ConfigError(f'{"unet.num_classes" if key == "adm" else "cond_stage.n_classes"}='
                         f'{label_rows(config)} is smaller than data.num_classes={config.data.num_classes}')
-  needs_null = config.diffusion.cond_drop_prob > 0 or config.sampling.guidance_scale != 1.0
+  needs_null = config.diffusion.cond_drop_prob > 0 or config.sample.guidance_scale != 1.0
   if needs_null and uses_labels(config) and needs_data and null_label(config) is None:
     raise ConfigError('diffusion.cond_drop_prob / sampling.guidance_scale need a null class: give the label '
                       f'embedding data.num_classes + 1 = {config.data.num_classes + 1} rows')
@@ -84,6 +84,6 @@ def drop_conditions(raw: dict, rng, probability: float, null: int | None) -> dic
 
 def sampling_labels(config, num_samples: int) -> jax.Array:
   """Labels of a sample grid: sampling.class_label for all, or cycling through the data's classes."""
-  if config.sampling.class_label >= 0:
-    return jnp.full((num_samples,), config.sampling.class_label, jnp.int32)
+  if config.sample.class_label >= 0:
+    return jnp.full((num_samples,), config.sample.class_label, jnp.int32)
   return jnp.arange(num_samples, dtype=jnp.int32) % max(config.data.num_classes, 1)

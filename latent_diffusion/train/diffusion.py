@@ -173,7 +173,7 @@ def scale_factor_from_moments(moments, rng, autoencoder_kind='kl') -> jax.Array:
 
 def run_sampler(sampling, model_fn, x_T, rng, schedule, num_steps: int, parameterization: str,
                 clip_denoised: bool = False):
-  """Latents from noise x_T with the sampler named by sampling.sampler."""
+  """Latents from noise x_T with the sampler named by sample.sampler."""
   if sampling.sampler == 'ddim':
     return samplers.ddim_sample(model_fn, x_T, rng, schedule, num_steps, sampling.eta, sampling.spacing,
                                 parameterization=parameterization)
@@ -187,7 +187,7 @@ def run_sampler(sampling, model_fn, x_T, rng, schedule, num_steps: int, paramete
   if sampling.sampler == 'dpm_solver':
     return samplers.dpm_solver_sample(model_fn, x_T, schedule, num_steps, spacing=sampling.spacing,
                                       parameterization=parameterization)
-  raise ConfigError(f'sampling.sampler: {sampling.sampler!r} is not one of {", ".join(SAMPLERS)}')
+  raise ConfigError(f'sample.sampler: {sampling.sampler!r} is not one of {", ".join(SAMPLERS)}')
 
 
 def guided_model_fn(model: LatentDenoiser, params, raw: dict, guidance_scale: float, null_label):
@@ -204,11 +204,11 @@ def guided_model_fn(model: LatentDenoiser, params, raw: dict, guidance_scale: fl
 
 def sample_latents(model: LatentDenoiser, config, schedule, params, rng, raw, num_samples: int,
                    num_steps: int) -> jax.Array:
-  """Latents (num_samples, h, w, c) drawn with config.sampling's sampler and guidance."""
-  model_fn = guided_model_fn(model, params, raw, config.sampling.guidance_scale, conditioning.null_label(config))
+  """Latents (num_samples, h, w, c) drawn with config.sample's sampler and guidance."""
+  model_fn = guided_model_fn(model, params, raw, config.sample.guidance_scale, conditioning.null_label(config))
   noise_rng, sampler_rng = jax.random.split(rng)
   x_T = jax.random.normal(noise_rng, (num_samples,) + latent_shape(config))
-  return run_sampler(config.sampling, model_fn, x_T, sampler_rng, schedule, num_steps,
+  return run_sampler(config.sample, model_fn, x_T, sampler_rng, schedule, num_steps,
                      config.diffusion.parameterization, config.diffusion.clip_denoised)
 
 
@@ -227,7 +227,7 @@ def make_sampler(model: LatentDenoiser, autoencoder, config, schedule):
 
 
 def sample_conditions(config, num_samples: int) -> dict:
-  """The raw conditions of a sample grid (class labels cycle, or sampling.class_label)."""
+  """The raw conditions of a sample grid (class labels cycle, or sample.class_label)."""
   if conditioning.uses_labels(config):
     return {'label': conditioning.sampling_labels(config, num_samples)}
   return {}
@@ -270,7 +270,7 @@ def schedule_from_config(config) -> schedules.Schedule:
 
 def sampler_tag(config) -> str:
   """e.g. 'ddim50_eta0' or 'plms50_cfg3': names sample files by how they were drawn."""
-  sampling = config.sampling
+  sampling = config.sample
   tag = f'{sampling.sampler}{sampling.num_steps}'
   if sampling.sampler == 'ddim':
     tag += f'_eta{sampling.eta:g}'
@@ -375,7 +375,7 @@ def train(config, workdir) -> TrainState:
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   sampler = make_sampler(model, autoencoder, config, schedule)
-  sampling = config.sampling
+  sampling = config.sample
   grid_conditions = sample_conditions(config, sampling.batch_size)
 
   def write_samples(state, step):

@@ -49,7 +49,7 @@ def test_null_conditions_make_every_label_null():
 
 def test_guidance_without_a_null_class_is_refused_naming_the_rows():
   config = class_config('adm', rows=10, classes=10)
-  config.sampling.guidance_scale = 3.0
+  config.sample.guidance_scale = 3.0
   with pytest.raises(ConfigError, match='null class.*11 rows'):
     conditioning.check(config)
   config.unet.num_classes = 11
@@ -89,5 +89,5 @@ def test_concat_conditioning_needs_room_in_the_unet_input():
 def test_sampling_labels_cycle_through_classes_or_repeat_the_chosen_one():
   config = class_config()
   np.testing.assert_array_equal(conditioning.sampling_labels(config, 12), np.arange(12) % 10)
-  config.sampling.class_label = 3
+  config.sample.class_label = 3
   np.testing.assert_array_equal(conditioning.sampling_labels(config, 4), [3, 3, 3, 3])

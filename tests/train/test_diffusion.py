@@ -32,7 +32,7 @@ def tiny_config():
   config.diffusion_train.learning_rate = 1e-3
   config.diffusion_train.warmup_steps = 0
   config.diffusion_train.ema_decay = 0.9
-  config.sampling.num_steps = 4
+  config.sample.num_steps = 4
   return config
 
 
@@ -207,7 +207,7 @@ def test_each_sampler_draws_distinct_deterministic_latents(make_random_params):
   schedule = diffusion.schedule_from_config(config)
   drawn = {}
   for name in ('ddim', 'ddpm', 'plms', 'dpm_solver'):
-    config.sampling.sampler = name
+    config.sample.sampler = name
     sample = jax.jit(functools.partial(diffusion.sample_latents, model, config.copy_and_resolve_references(),
                                        schedule, num_samples=2, num_steps=4))
     drawn[name] = np.asarray(sample(params, jax.random.PRNGKey(2), {}))
@@ -239,14 +239,14 @@ def test_guided_class_conditional_samples_depend_on_the_label_and_the_scale(make
   config.data.num_classes = 4
   config.unet.num_classes = 5
   config.diffusion.conditioning_key = 'adm'
-  config.sampling.guidance_scale = 3.0
+  config.sample.guidance_scale = 3.0
   sampler, params, ae_params = sampler_parts(config, make_random_params)
   draw = lambda fn, labels: np.asarray(fn(params, ae_params, jnp.float32(1.0), jax.random.PRNGKey(0),
                                           {'label': jnp.asarray(labels, jnp.int32)},
                                           num_samples=2, num_steps=4))
   guided = draw(sampler, [0, 0])
   assert not np.allclose(guided, draw(sampler, [1, 1]), atol=1e-4)
-  config.sampling.guidance_scale = 1.0
+  config.sample.guidance_scale = 1.0
   unguided, _, _ = sampler_parts(config, make_random_params)
   assert not np.allclose(guided, draw(unguided, [0, 0]), atol=1e-4)
 
