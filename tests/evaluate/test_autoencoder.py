@@ -1,4 +1,4 @@
-"""Tests for evaluate.py: per-image PSNR/SSIM, masked batching, and the eval_autoencoder mode on
+"""Tests for evaluate/autoencoder.py: per-image PSNR/SSIM, masked batching, and the eval_autoencoder mode on
 weights converted from a diffusers AutoencoderKL (convert mode), checked against diffusers itself."""
 
 import json
