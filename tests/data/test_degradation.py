@@ -82,10 +82,11 @@ def test_bsrgan_light_is_a_degraded_but_recognisable_downsample():
 
 
 def test_bsrgan_light_order_keeps_downsample_before_the_final_resize():
+  # pylint: disable=protected-access
   for seed in range(50):
-    order = degradation._step_order(np.random.default_rng(seed))  # pylint: disable=protected-access
+    order = degradation._step_order(np.random.default_rng(seed))
     assert sorted(order) == list(range(7))
-    assert order.index(degradation._DOWNSAMPLE) < order.index(degradation._FINAL_RESIZE)  # pylint: disable=protected-access
+    assert order.index(degradation._DOWNSAMPLE) < order.index(degradation._FINAL_RESIZE)
 
 
 def test_anisotropic_kernel_is_normalised_and_elongated_along_theta():
