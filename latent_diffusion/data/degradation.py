@@ -169,7 +169,8 @@ def anisotropic_gaussian_kernel(size, theta, variances):
 def gaussian_kernel_1d(size, sigma):
   """(size,) isotropic Gaussian profile, normalised; its outer square is MATLAB's fspecial."""
   offsets = np.arange(size) - (size - 1) / 2.0
-  profile = np.exp(-offsets**2 / (2.0 * max(float(sigma), _SMALLEST_VARIANCE)**2))
+  log_profile = -offsets**2 / (2.0 * max(float(sigma), _SMALLEST_VARIANCE)**2)
+  profile = np.exp(log_profile - log_profile.max())  # even sizes with a tiny sigma: two taps
   return profile / profile.sum()
 
 

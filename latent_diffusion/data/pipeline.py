@@ -1,12 +1,18 @@
 """grain input pipeline: source -> per-process slice -> shuffle -> repeat ->
-crop/resize/flip -> float -> batch -> iterator with checkpointable state.
+crop/resize/flip -> [low-res input] [inpainting mask] -> float -> batch ->
+iterator with checkpointable state.
 
-Batches are dicts of numpy arrays (S = data.image_size, B = batch_size):
+Batches are dicts of numpy arrays (S = data.image_size, s = data.low_res_size,
+B = batch_size):
   image         float32 (B, S, S, 3) in [-1, 1]     every source
   label         int32 (B,)                           sources with labels
   caption       str (B,), numpy dtype '<U..'         synthetic
   boxes         float32 (B, MAX_OBJECTS, 5)          synthetic; -1 row = none
   segmentation  int32 (B, S, S)                      synthetic
+  low_res       float32 (B, s, s, 3) in [-1, 1]     data.low_res_size > 0: the
+                                                     image degraded by
+                                                     data.degradation
+  mask          float32 (B, S, S, 1), 1 = to fill    data.inpainting_masks
 
 Every random choice is a pure function of (seed, process_index, position in
 the repeated stream), so a restored iterator (get_state/set_state, or orbax with
@@ -27,11 +33,14 @@ import numpy as np
 from PIL import Image
 
 from latent_diffusion import errors
+from latent_diffusion.data import degradation
 from latent_diffusion.data import folder
+from latent_diffusion.data import masks
 from latent_diffusion.data import synthetic
 
 SOURCES = ('synthetic', 'folder', 'tfds')
 CROPS = ('center', 'random')
+DEGRADATIONS = ('bicubic', 'bsrgan_light')
 _READ_THREADS = max(1, min(4, os.cpu_count() or 1))
 _PREFETCH_BATCHES = 2 * _READ_THREADS
 
@@ -61,9 +70,37 @@ def check_config(data_config):
   if data_config.source == 'folder' and not data_config.path:
     raise errors.ConfigError("data.path must name an image folder when "
                              "data.source is 'folder'")
+  _check_conditioning_fields(data_config)
   if data_config.shuffle_buffer:
     logging.warning('data.shuffle_buffer=%d is unused: random-access sources '
                     'are shuffled globally.', data_config.shuffle_buffer)
+
+
+def _check_conditioning_fields(data_config):
+  """The super-resolution and inpainting fields (absent ones read as off)."""
+  image_size = int(data_config.image_size)
+  low_res_size = data_config.get('low_res_size', 0)
+  if (not isinstance(low_res_size, (int, np.integer))
+      or isinstance(low_res_size, bool) or low_res_size < 0):
+    raise errors.ConfigError('data.low_res_size must be an integer >= 0 '
+                             f'(0 = off), got {low_res_size!r}')
+  if low_res_size and (low_res_size >= image_size
+                       or image_size % low_res_size):
+    raise errors.ConfigError(
+        'data.low_res_size must divide data.image_size '
+        f'({image_size}) and be smaller, got {low_res_size}')
+  kind = data_config.get('degradation', 'bicubic')
+  if kind not in DEGRADATIONS:
+    raise errors.ConfigError(
+        f'data.degradation must be one of {DEGRADATIONS}, got {kind!r}')
+  inpainting_masks = data_config.get('inpainting_masks', False)
+  if not isinstance(inpainting_masks, (bool, np.bool_)):
+    raise errors.ConfigError('data.inpainting_masks must be True or False, '
+                             f'got {inpainting_masks!r}')
+  if inpainting_masks and image_size < masks.MIN_SIZE:
+    raise errors.ConfigError(
+        f'data.inpainting_masks needs data.image_size >= {masks.MIN_SIZE}, '
+        f'got {image_size}')
 
 
 def make_source(data_config):
@@ -197,17 +234,53 @@ class RandomFlip(grain.transforms.RandomMap):
     return record
 
 
+class AddLowRes(grain.transforms.RandomMap):
+  """Adds 'low_res': uint8 (s, s, 3), the final image degraded S/s times."""
+
+  def __init__(self, image_size, low_res_size, kind):
+    self.factor = image_size // low_res_size
+    self.kind = kind
+
+  def random_map(self, element, rng):
+    record = dict(element)
+    if self.kind == 'bsrgan_light':
+      record['low_res'] = degradation.bsrgan_light(record['image'], self.factor,
+                                                   rng)
+    else:
+      record['low_res'] = degradation.bicubic_downsample(record['image'],
+                                                         self.factor)
+    return record
+
+
+class AddInpaintingMask(grain.transforms.RandomMap):
+  """Adds 'mask': float32 (S, S, 1), 1 where the image is to be filled."""
+
+  def __init__(self, image_size):
+    self.image_size = image_size
+
+  def random_map(self, element, rng):
+    record = dict(element)
+    record['mask'] = masks.inpainting_mask(self.image_size, rng)
+    return record
+
+
 class ToFloat(grain.transforms.Map):
-  """uint8 image -> float32 in [-1, 1]."""
+  """uint8 image (and low_res) -> float32 in [-1, 1]."""
 
   def map(self, element):
     record = dict(element)
-    record['image'] = record['image'].astype(np.float32) / 127.5 - 1.0
+    for key in ('image', 'low_res'):
+      if key in record:
+        record[key] = record[key].astype(np.float32) / 127.5 - 1.0
     return record
 
 
 def _derived_seeds(seed, process_index, count):
-  """`count` independent uint32 seeds for one process from the run seed."""
+  """`count` independent uint32 seeds for one process from the run seed.
+
+  The first k seeds do not depend on `count` (SeedSequence.generate_state
+  hashes word by word), so seeds added later leave the earlier ones unchanged.
+  """
   entropy = [int(seed) % 2**64, int(process_index)]
   return [int(s) for s in np.random.SeedSequence(entropy).generate_state(count)]
 
@@ -247,7 +320,8 @@ def make_dataset(data_config, *, batch_size, seed, shuffle=True,
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} is not in '
                      f'[0, {process_count})')
-  shuffle_seed, crop_seed, flip_seed = _derived_seeds(seed, process_index, 3)
+  (shuffle_seed, crop_seed, flip_seed, low_res_seed,
+   mask_seed) = _derived_seeds(seed, process_index, 5)
 
   ds = grain.MapDataset.source(source)
   ds = ds[process_index::process_count]
@@ -263,6 +337,15 @@ def make_dataset(data_config, *, batch_size, seed, shuffle=True,
       seed=crop_seed)
   if data_config.flip:
     ds = ds.random_map(RandomFlip(), seed=flip_seed)
+  low_res_size = data_config.get('low_res_size', 0)
+  if low_res_size:
+    ds = ds.random_map(
+        AddLowRes(data_config.image_size, low_res_size,
+                  data_config.get('degradation', 'bicubic')),
+        seed=low_res_seed)
+  if data_config.get('inpainting_masks', False):
+    ds = ds.random_map(AddInpaintingMask(data_config.image_size),
+                       seed=mask_seed)
   ds = ds.map(ToFloat())
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   read_options = grain.ReadOptions(

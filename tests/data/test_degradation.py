@@ -99,6 +99,14 @@ def test_anisotropic_kernel_is_normalised_and_elongated_along_theta():
   assert np.all(np.isfinite(degradation.anisotropic_gaussian_kernel(6, 1.0, (0.0, 0.0))))
 
 
+@pytest.mark.parametrize('size', [5, 6])
+def test_gaussian_profile_is_normalised_even_for_a_vanishing_sigma(size):
+  for sigma in (0.0, 1e-3, 0.8, 3.0):
+    profile = degradation.gaussian_kernel_1d(size, sigma)
+    assert np.all(np.isfinite(profile)) and np.isclose(profile.sum(), 1.0)
+    np.testing.assert_allclose(profile, profile[::-1])
+
+
 @pytest.mark.parametrize('function', ['bicubic_downsample', 'bsrgan_light'])
 def test_sides_not_divisible_by_the_factor_raise_value_error_naming_both(function):
   image = np.zeros((30, 40, 3), np.uint8)

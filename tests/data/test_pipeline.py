@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 
 from latent_diffusion import errors
+from latent_diffusion.data import degradation
 from latent_diffusion.data import folder
 from latent_diffusion.data import pipeline
 from latent_diffusion.data import synthetic
@@ -380,3 +381,121 @@ def test_worker_processes_give_the_same_batches_as_in_process(
   restored = pipeline.make_iterator(config, batch_size=4, seed=0)
   restored.set_state(state)
   assert_same_batches([next(restored) for _ in range(2)], following)
+
+
+# Super-resolution inputs and inpainting masks.
+
+
+def conditioning_config(make_data_config, low_res_size=0,
+                        degradation='bicubic', inpainting_masks=False,
+                        **overrides):
+  """A data config with base.py's super-resolution and inpainting fields."""
+  config = make_data_config(**overrides)
+  with config.unlocked():
+    config.low_res_size = low_res_size
+    config.degradation = degradation
+    config.inpainting_masks = inpainting_masks
+  return config
+
+
+@pytest.mark.parametrize('kind', ['bicubic', 'bsrgan_light'])
+def test_low_res_and_mask_batches_have_shapes_and_ranges(make_data_config,
+                                                         kind):
+  config = conditioning_config(make_data_config, low_res_size=8,
+                               degradation=kind, inpainting_masks=True,
+                               synthetic_size=16, image_size=32)
+  batch = next(pipeline.make_iterator(config, batch_size=4, seed=0))
+  assert batch['image'].shape == (4, 32, 32, 3)
+  assert batch['low_res'].shape == (4, 8, 8, 3)
+  assert batch['low_res'].dtype == np.float32
+  assert -1 <= batch['low_res'].min() < 0 < batch['low_res'].max() <= 1
+  assert batch['mask'].shape == (4, 32, 32, 1)
+  assert batch['mask'].dtype == np.float32
+  assert set(np.unique(batch['mask']).tolist()) == {0.0, 1.0}
+
+
+def test_no_low_res_or_mask_when_disabled(make_data_config):
+  config = conditioning_config(make_data_config, synthetic_size=8,
+                               image_size=16)
+  batch = next(pipeline.make_iterator(config, batch_size=4, seed=0))
+  assert 'low_res' not in batch and 'mask' not in batch
+
+
+def test_bicubic_low_res_is_the_downsampled_final_image(make_data_config):
+  config = conditioning_config(make_data_config, low_res_size=8,
+                               synthetic_size=8, image_size=32, crop='random')
+  batch = next(pipeline.make_iterator(config, batch_size=8, seed=0))
+  images = np.round((batch['image'] + 1) * 127.5).astype(np.uint8)
+  for image, low_res in zip(images, batch['low_res']):
+    expected = degradation.bicubic_downsample(image, 4)
+    np.testing.assert_allclose(low_res, expected / 127.5 - 1, atol=1e-6)
+
+
+def test_enabling_low_res_and_masks_leaves_the_images_unchanged(
+    make_data_config):
+  base = dict(synthetic_size=24, image_size=16, crop='random', flip=True)
+  plain = pipeline.make_iterator(
+      conditioning_config(make_data_config, **base), batch_size=4, seed=5)
+  extended = pipeline.make_iterator(
+      conditioning_config(make_data_config, low_res_size=4,
+                          degradation='bsrgan_light', inpainting_masks=True,
+                          **base), batch_size=4, seed=5)
+  for _ in range(4):
+    expected, batch = next(plain), next(extended)
+    assert set(batch) == set(expected) | {'low_res', 'mask'}
+    for key in expected:
+      np.testing.assert_array_equal(batch[key], expected[key])
+
+
+def test_derived_seeds_keep_their_values_when_more_are_asked_for():
+  # pylint: disable=protected-access
+  for seed, process_index in [(0, 0), (3, 1), (2**40, 7)]:
+    fewer = pipeline._derived_seeds(seed, process_index, 3)
+    more = pipeline._derived_seeds(seed, process_index, 5)
+    assert more[:3] == fewer and len(set(more)) == 5
+
+
+def test_low_res_and_masks_follow_the_seed_and_survive_a_restore(
+    make_data_config):
+  config = conditioning_config(make_data_config, low_res_size=8,
+                               degradation='bsrgan_light',
+                               inpainting_masks=True, synthetic_size=12,
+                               image_size=32)
+  make = lambda seed: pipeline.make_iterator(config, batch_size=4, seed=seed)
+  iterator = make(1)
+  first = [next(iterator) for _ in range(2)]
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(3)]  # Into the 2nd epoch.
+  again = make(1)
+  assert_same_batches([next(again) for _ in range(5)], first + expected)
+  restored = make(1)
+  restored.set_state(json.loads(json.dumps(state)))
+  assert_same_batches([next(restored) for _ in range(3)], expected)
+  other = next(make(2))
+  assert not np.array_equal(other['mask'], first[0]['mask'])
+  # Every position of the stream, in either epoch, draws its own mask.
+  masks_seen = np.concatenate([b['mask'] for b in first + expected])
+  assert len({m.tobytes() for m in masks_seen}) == 20
+
+
+@pytest.mark.parametrize('fields, message', [
+    (dict(low_res_size=-1), r'data\.low_res_size.*>= 0.*-1'),
+    (dict(low_res_size=12), r'data\.low_res_size.*divide.*\(64\).*12'),
+    (dict(low_res_size=64), r'data\.low_res_size.*smaller.*64'),
+    (dict(low_res_size=128), r'data\.low_res_size.*128'),
+    (dict(low_res_size=16.0), r'data\.low_res_size.*integer.*16\.0'),
+    (dict(degradation='lanczos'),
+     r"data\.degradation.*'bicubic', 'bsrgan_light'.*'lanczos'"),
+    (dict(inpainting_masks='yes'), r"data\.inpainting_masks.*'yes'"),
+])
+def test_bad_conditioning_field_raises_config_error_naming_it(
+    make_data_config, fields, message):
+  config = conditioning_config(make_data_config, **fields)
+  with pytest.raises(errors.ConfigError, match=message):
+    pipeline.check_config(config)
+
+
+def test_valid_conditioning_fields_pass_the_check(make_data_config):
+  pipeline.check_config(conditioning_config(
+      make_data_config, low_res_size=16, degradation='bsrgan_light',
+      inpainting_masks=True))
