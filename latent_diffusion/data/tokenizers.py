@@ -260,7 +260,8 @@ class LayoutTokenizer:
     a box is 3 tokens: its class id (the class number itself: class and coordinate ids share the
         range, the position in the sequence tells them apart), the token of its top-left corner
         (x0, y0) and of its bottom-right corner (x1, y1);
-    max_objects boxes, then padding triples of the padding id V - 1;
+    max_objects boxes, then padding triples of the padding id V - 1. Class ids stay below it, so the
+        class slot tells a box from padding even where S^2 = V makes the corner (1, 1) the same id;
     with encode_crop, 2 more tokens: the crop's corners, for the full image (0, 0) and (1, 1):
         0 and S^2 - 1.
   So max_length = 3 max_objects (+ 2); the paper's OpenImages model: V = 8192 (S = 90), 30 boxes: 92.
@@ -269,16 +270,13 @@ class LayoutTokenizer:
   """
 
   def __init__(self, vocab_size: int, num_classes: int, max_objects: int, encode_crop: bool = True):
+    """ConfigError unless vocab_size holds a grid of at least 2 x 2 and the class ids lie below the
+    padding id (num_classes <= vocab_size - 1): classes and corners share ids, as in the builder."""
     vocab_size, num_classes, max_objects = int(vocab_size), int(num_classes), int(max_objects)
     sections = int(math.sqrt(vocab_size)) if vocab_size > 0 else 0
     if sections < 2:
-      raise ConfigError(f'cond_stage.vocab_size={vocab_size}: a layout needs at least 5 tokens '
-                        '(a grid of 2 x 2 coordinate tokens and the padding token)')
-    if sections * sections > vocab_size - 1:
-      raise ConfigError(
-          f'cond_stage.vocab_size={vocab_size}: its {sections} x {sections} coordinate grid uses every '
-          f'id, so the padding id {vocab_size - 1} would also be a corner; use a vocab_size above '
-          f'{sections * sections} (e.g. {sections * sections + 1})')
+      raise ConfigError(f'cond_stage.vocab_size={vocab_size}: a layout needs at least 4 tokens '
+                        '(a grid of 2 x 2 coordinate tokens)')
     if not 1 <= num_classes <= vocab_size - 1:
       raise ConfigError(f'layout: {num_classes} object classes do not fit the {vocab_size - 1} ids '
                         f'below the padding id {vocab_size - 1} (cond_stage.vocab_size={vocab_size})')

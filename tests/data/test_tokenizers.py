@@ -250,6 +250,16 @@ def test_layout_decode_round_trips_within_half_a_grid_step(builder_module):
                              atol=1e-6)
 
 
+def test_layout_box_is_told_from_padding_by_its_class_where_a_corner_shares_the_padding_id():
+  tokenizer = LayoutTokenizer(1024, 6, 3, True)  # a 32 x 32 grid: the corner (1, 1) is token 1023
+  boxes = np.array([[4, 0.5, 0.5, 1.0, 1.0], [0, 0.0, 0.0, 0.25, 0.25]], np.float32)
+  tokens = tokenizer.encode(boxes)
+  assert tokens[2] == tokenizer.pad_id == tokens[-1] == 1023
+  decoded = tokenizer.decode(tokens)
+  np.testing.assert_allclose(decoded[:2], boxes, atol=0.5 / 31)
+  np.testing.assert_array_equal(decoded[2], synthetic.BOX_PADDING)
+
+
 def test_layout_tokens_are_in_range_and_batches_stack():
   tokenizer = LayoutTokenizer(300, 6, 3, True)
   batch = np.stack([synthetic.make_example(0, index, image_size=32)['boxes'] for index in range(20)])
@@ -287,9 +297,8 @@ def test_layout_keeps_the_first_max_objects_boxes_with_a_warning(caplog):
 
 
 @pytest.mark.parametrize('vocab_size,num_classes,match', [
-    (16, 6, r'4 x 4 coordinate grid uses every id'),
-    (3, 2, 'at least 5 tokens'),
-    (30, 40, '40 object classes do not fit'),
+    (3, 2, 'at least 4 tokens'),
+    (30, 30, r'30 object classes do not fit the 29 ids below the padding id 29'),
 ])
 def test_layout_vocabulary_too_small_is_a_config_error(vocab_size, num_classes, match):
   with pytest.raises(ConfigError, match=match):
