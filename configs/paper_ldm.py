@@ -64,3 +64,28 @@ def imagenet_class_conditional(config, n_classes: int):
   config.cond_stage.n_classes = n_classes
   config.cond_stage.embed_dim = 512
   return config
+
+
+# The paper's VQ-f4 without attention (models/first_stage_models/vq-f4-noattn) under inpainting_big.
+VQ_F4_NOATTN = dict(VQ_F4, attn_type='none')
+# ... and KL-f8 (kl-f8) under txt2img-1p4B.
+KL_F8 = dict(kind='kl', ch_mult=(1, 2, 4, 4), z_channels=4, embed_dim=4, batch_size=4, disc_start=50001,
+             disc_weight=0.5)
+
+
+def unet_of_paper(**fields) -> dict:
+  """A unet_config with the paper's UNetModel defaults for what it leaves out."""
+  return dict(dict(use_scale_shift_norm=False, resblock_updown=False, num_heads=-1, num_head_channels=-1),
+              **fields)
+
+
+def transformer_conditioning(config, *, key: str, n_embed: int, n_layer: int, vocab_size: int = 30522,
+                             max_seq_len: int = 77):
+  """The paper's BERTEmbedder / TransformerEmbedder under cross-attention (cond_stage_trainable)."""
+  config.diffusion.conditioning_key = 'crossattn'
+  c = config.cond_stage
+  c.kind = 'transformer'
+  c.key = key
+  c.trainable = True
+  c.n_embed, c.n_layer, c.vocab_size, c.max_seq_len = n_embed, n_layer, vocab_size, max_seq_len
+  return config

@@ -34,7 +34,12 @@ def check_config(config) -> None:
                         ('diffusion.parameterization', ('eps', 'x0', 'v')), ('diffusion.loss_type', ('l1', 'l2')),
                         ('diffusion.beta_schedule', ('linear', 'cosine', 'sqrt_linear', 'sqrt')),
                         ('diffusion.conditioning_key', ('', 'concat', 'crossattn', 'hybrid', 'adm')),
-                        ('cond_stage.kind', ('', 'class')),
+                        ('cond_stage.kind', ('', 'class', 'transformer', 'spatial_rescaler', 'first_stage',
+                                             'identity')),
+                        ('cond_stage.key', ('label', 'caption', 'layout', 'segmentation', 'low_res',
+                                            'masked_image')),
+                        ('cond_stage.tokenizer', ('wordpiece', 'word')),
+                        ('data.degradation', ('bicubic', 'bsrgan_light')),
                         ('sample.sampler', ('ddim', 'ddpm', 'plms', 'dpm_solver')),
                         ('sample.spacing', ('uniform', 'quad', 'leading', 'trailing', 'linspace')),
                         ('unet.attention_impl', ('auto', 'einsum', 'xla', 'cudnn')),
@@ -68,6 +73,9 @@ def check_config(config) -> None:
   levels = 2 ** (len(config.unet.channel_mult) - 1)
   if config.data.image_size % f:
     raise ConfigError(f'data.image_size={config.data.image_size}: needs to be divisible by f={f}')
+  if config.sample.height < 0 or config.sample.width < 0:
+    raise ConfigError(f'sample.height / sample.width: must be >= 0 (0 = data.image_size), got '
+                      f'{config.sample.height} / {config.sample.width}')
   if config.mode in ('train', 'train_diffusion', 'sample') and latent % levels:
     raise ConfigError(f'data.image_size={config.data.image_size}: the latent side {latent} needs to be '
                       f'divisible by 2**(len(unet.channel_mult)-1)={levels}')

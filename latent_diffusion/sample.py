@@ -1,20 +1,18 @@
-"""Sample mode: restore both stages, draw latents with the configured sampler, decode once, write a grid."""
-
+"""Sample mode: restore both stages, draw latents with the configured sampler under the requested
+conditions, decode once, write a grid with each condition beside its sample, and the single PNGs."""
 
 import jax
 import numpy as np
 from absl import logging
 
-from latent_diffusion import images as image_io
+from latent_diffusion import sample_inputs
 from latent_diffusion.errors import CheckpointError
 from latent_diffusion.train import autoencoder as stage1
 from latent_diffusion.train import common, diffusion, loop, sharding
 
 
-def sample(config, workdir):
-  """Write config.sample.num_samples images as a grid to <workdir>/diffusion/samples/."""
-  mesh = sharding.make_mesh(config.mesh)
-  autoencoder, ae_params = stage1.load_params(config, workdir, mesh)
+def restore_denoiser(config, workdir, mesh):
+  """(model, params to sample with, scale_factor, step) of the latest stage-2 checkpoint."""
   model = diffusion.build_denoiser(config)
   checkpoints = common.stage_checkpoints(workdir, diffusion.STAGE)
   step = checkpoints.latest_step()
@@ -25,24 +23,48 @@ def sample(config, workdir):
   state = checkpoints.restore(loop.abstract_with_shardings(abstract, shardings))
   checkpoints.close()
   params = state.ema_params if config.sample.use_ema else state.params
+  return model, params, state.extras['scale_factor'], step
 
-  sampling = config.sample
-  sampler = diffusion.make_sampler(model, autoencoder, config, diffusion.schedule_from_config(config))
-  conditions = diffusion.sample_conditions(config, sampling.num_samples)
-  rng = jax.random.PRNGKey(sampling.seed)
+
+def draw_samples(config, sampler, params, ae_params, scale_factor, inputs: dict, count: int,
+                 seed: int) -> np.ndarray:
+  """`count` samples in compiled batches of sample.batch_size (the last one padded: one shape)."""
+  batch_size = config.sample.batch_size
+  rng = jax.random.PRNGKey(seed)
   batches = []
-  for index, start in enumerate(range(0, sampling.num_samples, sampling.batch_size)):
-    # The last batch is padded to the full batch size: one compiled shape for the whole grid.
-    batch_conditions = jax.tree.map(lambda c: np.resize(np.asarray(c[start:start + sampling.batch_size]),
-                                                        (sampling.batch_size,) + c.shape[1:]), conditions)
-    batches.append(np.asarray(sampler(params, ae_params, state.extras['scale_factor'],
-                                      jax.random.fold_in(rng, index), batch_conditions,
-                                      num_samples=sampling.batch_size, num_steps=sampling.num_steps)))
-  samples = np.concatenate(batches)[:sampling.num_samples]
-  name = f'sample_step{step}_{diffusion.sampler_tag(config)}_seed{sampling.seed}'
-  if config.sample.class_label >= 0:
-    name += f'_class{config.sample.class_label}'
-  path = image_io.save_grid(common.stage_dir(workdir, diffusion.STAGE) / 'samples' / f'{name}.png', samples)
-  logging.info('sample: wrote %d images to %s', len(samples), path)
+  for index, start in enumerate(range(0, count, batch_size)):
+    batch_inputs = {name: np.resize(np.asarray(value[start:start + batch_size]),
+                                    (batch_size,) + np.shape(value)[1:]) for name, value in inputs.items()}
+    batches.append(np.asarray(sampler(params, ae_params, scale_factor, jax.random.fold_in(rng, index),
+                                      batch_inputs, num_samples=batch_size,
+                                      num_steps=config.sample.num_steps)))
+  return np.concatenate(batches)[:count]
+
+
+def sample(config, workdir):
+  """Write config.sample.num_samples images, as a grid and one by one, to <workdir>/diffusion/samples/."""
+  mesh = sharding.make_mesh(config.mesh)
+  autoencoder, ae_params = stage1.load_params(config, workdir, mesh)
+  model, params, scale_factor, step = restore_denoiser(config, workdir, mesh)
+  s = config.sample
+  tokenizer = diffusion.make_tokenizer(config)
+  inputs, display = sample_inputs.grid_inputs(config, s.num_samples, tokenizer)
+  key = sample_inputs.condition_key(config)
+  height, width = sample_inputs.pixel_size(config, key, display)
+  shape = diffusion.latent_shape(config, height, width)
+  sampler = diffusion.make_sampler(model, autoencoder, config, diffusion.schedule_from_config(config), shape,
+                                   tokenizer)
+  samples = draw_samples(config, sampler, params, ae_params, scale_factor, inputs, s.num_samples, s.seed)
+  samples = sample_inputs.composite(config, samples, display)
+
+  name = f'sample_step{step}_{diffusion.sampler_tag(config)}_seed{s.seed}'
+  if key == 'label' and s.class_label >= 0:
+    name += f'_class{s.class_label}'
+  if (height, width) != (config.data.image_size,) * 2:
+    name += f'_{height}x{width}'
+  directory = common.stage_dir(workdir, diffusion.STAGE) / 'samples'
+  path = sample_inputs.save_grid(config, directory / f'{name}.png', samples, display)
+  sample_inputs.save_individual(directory / name, samples)
+  logging.info('sample: wrote %d images to %s and %s/', len(samples), path, directory / name)
   print(f'wrote {path}')
   return samples

@@ -218,6 +218,28 @@ def make_example(seed, index, image_size=64):
   }
 
 
+def color_map(example):
+  """int32 (S, S) colour index of each pixel of an example from make_example:
+  0 = background, c + 1 = colour COLOR_NAMES[c] of the pixel's topmost object.
+
+  Shapes are drawn in their exact COLORS values and no background pixel can
+  take one (backgrounds are pale in every channel), so the colour of each
+  shape pixel (segmentation > 0) is read back from the image. Raises
+  ValueError for an image that was changed since (resized, blurred).
+  """
+  image = np.asarray(example['image']).astype(np.int32)
+  foreground = np.asarray(example['segmentation']) > 0
+  rgb = (image[..., 0] << 16) | (image[..., 1] << 8) | image[..., 2]
+  palette = [(r << 16) | (g << 8) | b for r, g, b in COLORS.values()]
+  colors = np.zeros(rgb.shape, np.int32)
+  for c, value in enumerate(palette):
+    colors[foreground & (rgb == value)] = c + 1
+  if np.any(foreground & (colors == 0)):
+    raise ValueError('shape pixels of a colour not in COLORS: the image was '
+                     'changed after make_example drew it')
+  return colors
+
+
 class SyntheticShapes:
   """Random-access source of `size` shapes examples, deterministic by seed."""
 

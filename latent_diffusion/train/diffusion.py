@@ -16,12 +16,12 @@ from absl import logging
 
 from jax.experimental import multihost_utils
 
-from latent_diffusion import images as image_io
-from latent_diffusion.data import latents
+from latent_diffusion import sample_inputs
+from latent_diffusion.data import latents, pipeline, tokenizers
 from latent_diffusion.diffusion import guidance, process, samplers, schedules
 from latent_diffusion.errors import CheckpointError, ConfigError
 from latent_diffusion.models.autoencoder import latents_from_moments
-from latent_diffusion.models.conditioners import ClassEmbedder
+from latent_diffusion.models.conditioners import ClassEmbedder, SpatialRescaler, TransformerEmbedder
 from latent_diffusion.models.denoiser import LatentDenoiser
 from latent_diffusion.models.unet import UNetModel
 from latent_diffusion.train import autoencoder as stage1
@@ -33,13 +33,19 @@ SCALE_FACTOR_KEY = 0xFFFFFFFF  # fold_in data of the scale_by_std posterior samp
 SAMPLERS = ('ddim', 'ddpm', 'plms', 'dpm_solver')
 
 
-def latent_shape(config) -> tuple[int, int, int]:
-  """(h, w, c) of the stage-1 latents for the configured image size."""
+def latent_shape(config, height: int = 0, width: int = 0) -> tuple[int, int, int]:
+  """(h, w, c) of the stage-1 latents for the configured image size (or height x width pixels)."""
   f = 2 ** (len(config.autoencoder.ch_mult) - 1)
-  size = config.data.image_size
-  if size % f:
-    raise ConfigError(f'data.image_size={size} is not divisible by the autoencoder factor f={f}')
-  return size // f, size // f, config.autoencoder.embed_dim
+  height, width = height or config.data.image_size, width or config.data.image_size
+  for name, size in (('height', height), ('width', width)):
+    if size % f:
+      raise ConfigError(f'{name} {size} is not divisible by the autoencoder factor f={f}')
+  return height // f, width // f, config.autoencoder.embed_dim
+
+
+def sample_shape(config) -> tuple[int, int, int]:
+  """The latent shape of sample mode: sample.height x sample.width pixels (0 = data.image_size)."""
+  return latent_shape(config, config.sample.height, config.sample.width)
 
 
 def build_unet(config) -> UNetModel:
@@ -59,25 +65,40 @@ def build_unet(config) -> UNetModel:
 
 
 def build_cond_stage(config):
-  """The conditioning model of config.cond_stage, or None."""
-  if config.cond_stage.kind == 'class':
-    return ClassEmbedder(config.cond_stage.n_classes, config.cond_stage.embed_dim)
-  if config.cond_stage.kind:
-    raise ConfigError(f'cond_stage.kind: {config.cond_stage.kind!r} is not one of \'\', class')
+  """The trainable conditioning model of config.cond_stage, or None (none, or the first stage / the
+  identity, whose conditions are made outside the denoiser)."""
+  c = config.cond_stage
+  if not config.diffusion.conditioning_key or config.diffusion.conditioning_key == 'adm':
+    return None
+  if c.kind == 'class':
+    return ClassEmbedder(c.n_classes, c.embed_dim)
+  if c.kind == 'transformer':
+    return TransformerEmbedder(n_embed=c.n_embed, n_layer=c.n_layer, vocab_size=c.vocab_size,
+                               max_seq_len=c.max_seq_len, embedding_dropout=c.embedding_dropout,
+                               dtype=common.activation_dtype(config))
+  if c.kind == 'spatial_rescaler':
+    return SpatialRescaler(n_stages=c.n_stages, method=c.method, multiplier=c.multiplier,
+                           in_channels=c.in_channels, out_channels=c.out_channels, bias=c.bias)
+  if c.kind not in conditioning.COND_STAGES:
+    raise ConfigError(f'cond_stage.kind: {c.kind!r} is not one of {", ".join(map(repr, conditioning.COND_STAGES))}')
   return None
 
 
 def build_denoiser(config) -> LatentDenoiser:
-  return LatentDenoiser(build_unet(config), build_cond_stage(config), config.diffusion.conditioning_key)
+  cond_input = conditioning.RAW_NAME.get(config.cond_stage.key, 'label')
+  return LatentDenoiser(build_unet(config), build_cond_stage(config), config.diffusion.conditioning_key,
+                        cond_input)
 
 
-def example_conditions(config, batch_size: int) -> dict:
+def example_conditions(config, batch_size: int, latent: tuple[int, int, int] | None = None) -> dict:
   """Zero raw conditions of the right shapes, for init and shape inference."""
-  raw = {'label': jnp.zeros((batch_size,), jnp.int32)} if conditioning.uses_labels(config) else {}
-  if config.diffusion.conditioning_key in ('concat', 'hybrid'):
-    h, w, c = latent_shape(config)
-    raw['concat'] = jnp.zeros((batch_size, h, w, config.unet.in_channels - c), jnp.float32)
-  return raw
+  h, w, c = latent or latent_shape(config)
+  f = 2 ** (len(config.autoencoder.ch_mult) - 1)
+  shapes = {'label': ((batch_size,), jnp.int32),
+            'tokens': ((batch_size, config.cond_stage.max_seq_len), jnp.int32),
+            'segmentation': ((batch_size, h * f, w * f), jnp.int32),
+            'concat': ((batch_size, h, w, max(config.unet.in_channels - c, 0)), jnp.float32)}
+  return {name: jnp.zeros(*shapes[name]) for name in conditioning.raw_names(config)}
 
 
 def init_params(model: LatentDenoiser, config, rng):
@@ -116,12 +137,22 @@ class Objective:
   logvar_init: float = 0.0
   cond_drop_prob: float = 0.0
   null_label: int | None = None
+  null_tokens: tuple[int, ...] | None = None  # the empty caption / layout (text and layout models)
 
   @classmethod
-  def from_config(cls, config) -> 'Objective':
+  def from_config(cls, config, tokenizer=None) -> 'Objective':
     d = config.diffusion
+    nulls = conditioning.null_values(config, tokenizer)
+    tokens = tuple(int(t) for t in nulls['tokens']) if 'tokens' in nulls else None
     return cls(d.parameterization, d.loss_type, d.l_simple_weight, d.original_elbo_weight, d.learn_logvar,
-               d.logvar_init, d.cond_drop_prob, conditioning.null_label(config))
+               d.logvar_init, d.cond_drop_prob, nulls.get('label'), tokens)
+
+  @property
+  def nulls(self) -> dict:
+    nulls = {} if self.null_label is None else {'label': self.null_label}
+    if self.null_tokens is not None:
+      nulls['tokens'] = np.asarray(self.null_tokens, np.int32)
+    return nulls
 
 
 def diffusion_loss(model, params, latents, raw, rng, schedule, objective: Objective, deterministic=True):
@@ -130,7 +161,7 @@ def diffusion_loss(model, params, latents, raw, rng, schedule, objective: Object
   t = jax.random.randint(t_rng, (latents.shape[0],), 0, schedule.num_timesteps)
   noise = jax.random.normal(noise_rng, latents.shape, jnp.float32)
   x_t = process.q_sample(schedule, latents, t, noise)
-  raw = conditioning.drop_conditions(raw, drop_rng, objective.cond_drop_prob, objective.null_label)
+  raw = conditioning.drop_conditions(raw, drop_rng, objective.cond_drop_prob, objective.nulls)
   output = model.apply({'params': model_params(params)}, x_t, t, raw, deterministic=deterministic,
                        rngs={'dropout': dropout_rng})
   target = process.training_target(schedule, objective.parameterization, latents, noise, t)
@@ -143,12 +174,15 @@ def diffusion_loss(model, params, latents, raw, rng, schedule, objective: Object
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, objective: Objective,
-               base_ema_decay, deterministic, autoencoder_kind='kl', uses_labels=False) -> tuple:
-  """One step on batch['moments'] (the stage-1 encoding; z is sampled (kl) and scaled here) and,
-  for class-conditional models, batch['label']."""
+               base_ema_decay, deterministic, autoencoder_kind='kl', uses_labels=False,
+               cond_names: tuple[str, ...] | None = None) -> tuple:
+  """One step on batch['moments'] (the stage-1 encoding; z is sampled (kl) and scaled here) and the
+  raw conditions `cond_names` of the batch (default: 'label' when uses_labels)."""
   posterior_rng, loss_rng = jax.random.split(state.step_rng())
   latents = latents_from_moments(autoencoder_kind, batch['moments'], posterior_rng) * state.extras['scale_factor']
-  raw = {'label': batch['label']} if uses_labels else {}
+  if cond_names is None:
+    cond_names = ('label',) if uses_labels else ()
+  raw = {name: batch[name] for name in cond_names}
   grad_fn = jax.value_and_grad(
       lambda p: diffusion_loss(model, p, latents, raw, loss_rng, schedule, objective, deterministic),
       has_aux=True)
@@ -190,7 +224,7 @@ def run_sampler(sampling, model_fn, x_T, rng, schedule, num_steps: int, paramete
   raise ConfigError(f'sample.sampler: {sampling.sampler!r} is not one of {", ".join(SAMPLERS)}')
 
 
-def guided_model_fn(model: LatentDenoiser, params, raw: dict, guidance_scale: float, null_label):
+def guided_model_fn(model: LatentDenoiser, params, raw: dict, guidance_scale: float, nulls):
   """A sampler's model_fn(x, t): the denoiser with the raw conditions encoded once, with classifier-free
   guidance against the null conditions when guidance_scale != 1."""
   variables = {'params': model_params(params)}
@@ -198,28 +232,64 @@ def guided_model_fn(model: LatentDenoiser, params, raw: dict, guidance_scale: fl
   encoded = model.apply(variables, raw, method=model.condition)
   if guidance_scale == 1.0:
     return lambda x, t: apply_fn(x, t, encoded)
-  unconditional = model.apply(variables, conditioning.null_conditions(raw, null_label), method=model.condition)
+  unconditional = model.apply(variables, conditioning.null_conditions(raw, nulls), method=model.condition)
   return guidance.classifier_free_guidance(apply_fn, encoded, unconditional, guidance_scale)
 
 
 def sample_latents(model: LatentDenoiser, config, schedule, params, rng, raw, num_samples: int,
-                   num_steps: int) -> jax.Array:
-  """Latents (num_samples, h, w, c) drawn with config.sample's sampler and guidance."""
-  model_fn = guided_model_fn(model, params, raw, config.sample.guidance_scale, conditioning.null_label(config))
+                   num_steps: int, shape: tuple[int, int, int] | None = None, nulls=None) -> jax.Array:
+  """Latents (num_samples, h, w, c) drawn with config.sample's sampler and guidance; `shape` (h, w, c)
+  defaults to the training latents."""
+  if nulls is None:
+    nulls = conditioning.null_values(config)
+  model_fn = guided_model_fn(model, params, raw, config.sample.guidance_scale, nulls)
   noise_rng, sampler_rng = jax.random.split(rng)
-  x_T = jax.random.normal(noise_rng, (num_samples,) + latent_shape(config))
+  x_T = jax.random.normal(noise_rng, (num_samples,) + (shape or latent_shape(config)))
   return run_sampler(config.sample, model_fn, x_T, sampler_rng, schedule, num_steps,
                      config.diffusion.parameterization, config.diffusion.clip_denoised)
 
 
-def make_sampler(model: LatentDenoiser, autoencoder, config, schedule):
-  """A jitted fn(params, ae_params, scale_factor, rng, raw, *, num_samples, num_steps) -> images
-  (num_samples, H, W, 3) in [-1, 1]; raw holds the conditions (e.g. {'label': (N,)}) or is {}.
+def concat_from_pixels(config, autoencoder, ae_params, batch: dict, latent_hw: tuple[int, int]) -> jax.Array:
+  """The concat condition of pixel-space inputs, at latent size (B, h, w, c'):
+  low_res: the low-resolution image itself (the paper's concat_mode SR; resized when its side is not
+  the latent side); masked_image: the first-stage encoding of the masked image (its mode, unscaled, as
+  the paper's cond_stage `__is_first_stage__`) and the mask in {-1, 1}, as the paper's inpainting."""
+  if config.cond_stage.key == 'low_res':
+    low_res = batch['low_res']
+    if low_res.shape[1:3] != tuple(latent_hw):
+      low_res = jax.image.resize(low_res, low_res.shape[:1] + tuple(latent_hw) + low_res.shape[3:], 'bicubic')
+    return low_res.astype(jnp.float32)
+  image, mask = batch['image'], batch['mask']
+  masked = image * (1.0 - mask) - mask  # (1 - mask) * image in [0, 1], mapped to [-1, 1]
+  moments = autoencoder.apply({'params': ae_params}, masked, method=autoencoder.encode_moments)
+  encoded = latents_from_moments(config.autoencoder.kind, moments)
+  small = jax.image.resize(mask * 2.0 - 1.0, mask.shape[:1] + tuple(latent_hw) + (1,), 'nearest')
+  return jnp.concatenate([encoded, small], axis=-1)
+
+
+def device_conditions(config, autoencoder, ae_params, batch: dict, latent_hw) -> dict:
+  """The raw conditions of a (device) batch of host inputs (train/conditioning.host_inputs)."""
+  raw = {name: batch[name] for name in conditioning.raw_names(config) if name != 'concat'}
+  if 'concat' in conditioning.raw_names(config):
+    raw['concat'] = (concat_from_pixels(config, autoencoder, ae_params, batch, latent_hw)
+                     if config.cond_stage.key in ('low_res', 'masked_image') else batch['concat'])
+  return raw
+
+
+def make_sampler(model: LatentDenoiser, autoencoder, config, schedule, shape=None, tokenizer=None):
+  """A jitted fn(params, ae_params, scale_factor, rng, inputs, *, num_samples, num_steps) -> images
+  (num_samples, H, W, 3) in [-1, 1]; inputs are host inputs of the conditions (train/conditioning.py:
+  e.g. {'label': (N,)}, {'tokens': (N, L)}, {'image', 'mask'} for inpainting) or {}. `shape`: the latent
+  (h, w, c), default the training size; convolutional models sample larger ones.
 
   It compiles once per (num_samples, num_steps): both are static, the loop is one scan.
   """
-  def sample(params, ae_params, scale_factor, rng, raw, *, num_samples, num_steps):
-    latents = sample_latents(model, config, schedule, params, rng, raw, num_samples, num_steps)
+  shape = shape or latent_shape(config)
+  nulls = conditioning.null_values(config, tokenizer)
+
+  def sample(params, ae_params, scale_factor, rng, inputs, *, num_samples, num_steps):
+    raw = device_conditions(config, autoencoder, ae_params, inputs, shape[:2])
+    latents = sample_latents(model, config, schedule, params, rng, raw, num_samples, num_steps, shape, nulls)
     decoded = autoencoder.apply({'params': ae_params}, latents / scale_factor, method=autoencoder.decode)
     return jnp.clip(decoded, -1.0, 1.0)
 
@@ -227,23 +297,44 @@ def make_sampler(model: LatentDenoiser, autoencoder, config, schedule):
 
 
 def sample_conditions(config, num_samples: int) -> dict:
-  """The raw conditions of a sample grid (class labels cycle, or sample.class_label)."""
+  """The host inputs of a sample grid's conditions (class labels cycle, or sample.class_label; other
+  conditions come from sample.* inputs or the held-out data, see sample_inputs.py)."""
   if conditioning.uses_labels(config):
     return {'label': conditioning.sampling_labels(config, num_samples)}
-  return {}
+  if not conditioning.is_conditional(config):
+    return {}
+  return sample_inputs.grid_inputs(config, num_samples, make_tokenizer(config))[0]
 
 
-def moment_batches(config, workdir, autoencoder, ae_params, mesh):
-  """(iterator, generator of global batches {'moments'}): the stage-1 posterior of each image,
-  encoded on the fly, or read from a cache encoded once (diffusion_train.precompute_latents)."""
+def make_tokenizer(config):
+  """The tokenizer of text and layout models (train/conditioning.py), else None."""
+  return tokenizers.make_tokenizer(config.cond_stage) if conditioning.uses_tokens(config) else None
+
+
+def moment_batches(config, workdir, autoencoder, ae_params, mesh, tokenizer=None):
+  """(iterator, generator of global batches {'moments', raw conditions}): the stage-1 posterior of each
+  image and its conditions, encoded on the fly, or read from a cache encoded once
+  (diffusion_train.precompute_latents: unconditional and class-conditional models)."""
   train_config = config.diffusion_train
   encode = jax.jit(lambda params, x: autoencoder.apply({'params': params}, x,
                                                          method=autoencoder.encode_moments))
   if not train_config.precompute_latents:
-    iterator, images = common.make_batches(config, train_config.batch_size, mesh, seed_offset=1)
-    keep = ('label',) if conditioning.uses_labels(config) else ()
-    return iterator, (dict({'moments': encode(ae_params, batch['image'])},
-                           **{name: batch[name] for name in keep}) for batch in images)
+    iterator = pipeline.make_iterator(config.data, seed=config.seed + 1,
+                                      batch_size=common.local_batch_size(train_config.batch_size, mesh))
+    latent_hw = latent_shape(config)[:2]
+
+    @jax.jit
+    def prepare(params, inputs):
+      return dict(device_conditions(config, autoencoder, params, inputs, latent_hw),
+                  moments=autoencoder.apply({'params': params}, inputs['image'], method=autoencoder.encode_moments))
+
+    return iterator, (prepare(ae_params, sharding.global_batch(conditioning.host_inputs(config, batch, tokenizer),
+                                                                mesh)) for batch in iterator)
+
+  if conditioning.raw_names(config) not in ((), ('label',)):
+    raise ConfigError('diffusion_train.precompute_latents: only unconditional and class-conditional models '
+                      f'train from a latent cache; cond_stage.key={config.cond_stage.key!r} needs the images '
+                      'each step (set it False)')
 
   # Each process encodes its own slice on its own devices: slices differ in length, so no
   # computation may span processes here.
@@ -340,7 +431,8 @@ def train(config, workdir) -> TrainState:
   autoencoder, ae_params = stage1.load_params(config, workdir, mesh)
   model = build_denoiser(config)
   schedule = schedule_from_config(config)
-  iterator, batches = moment_batches(config, workdir, autoencoder, ae_params, mesh)
+  tokenizer = make_tokenizer(config)
+  iterator, batches = moment_batches(config, workdir, autoencoder, ae_params, mesh, tokenizer)
   checkpoints = common.stage_checkpoints(workdir, STAGE, train_config)
   tx = make_optimizer(train_config)
   abstract, shardings = abstract_state(model, config, mesh)
@@ -369,22 +461,23 @@ def train(config, workdir) -> TrainState:
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        objective=Objective.from_config(config), base_ema_decay=train_config.ema_decay,
-                        deterministic=config.unet.dropout == 0.0, autoencoder_kind=config.autoencoder.kind,
-                        uses_labels=conditioning.uses_labels(config)),
+                        objective=Objective.from_config(config, tokenizer),
+                        base_ema_decay=train_config.ema_decay,
+                        deterministic=config.unet.dropout == 0.0 and config.cond_stage.embedding_dropout == 0.0,
+                        autoencoder_kind=config.autoencoder.kind, cond_names=conditioning.raw_names(config)),
       in_shardings=(shardings, sharding.batch_sharding(mesh)),
       out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-  sampler = make_sampler(model, autoencoder, config, schedule)
+  sampler = make_sampler(model, autoencoder, config, schedule, tokenizer=tokenizer)
   sampling = config.sample
-  grid_conditions = sample_conditions(config, sampling.batch_size)
+  grid_inputs, grid_display = sample_inputs.grid_inputs(config, sampling.batch_size, tokenizer, from_cli=False)
 
   def write_samples(state, step):
     params = state.ema_params if sampling.use_ema else state.params
     samples = sampler(params, ae_params, state.extras['scale_factor'], jax.random.PRNGKey(sampling.seed),
-                      grid_conditions, num_samples=sampling.batch_size, num_steps=sampling.num_steps)
+                      grid_inputs, num_samples=sampling.batch_size, num_steps=sampling.num_steps)
     if jax.process_index() == 0:
-      path = image_io.save_grid(directory / 'samples' / f'{sampler_tag(config)}_{step:07d}.png',
-                                np.asarray(samples))
+      path = sample_inputs.save_grid(config, directory / 'samples' / f'{sampler_tag(config)}_{step:07d}.png',
+                                     np.asarray(samples), grid_display)
       logging.info('diffusion: wrote %s', path)
 
   try:

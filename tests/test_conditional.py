@@ -1,0 +1,137 @@
+"""Every conditional task through main.run on the synthetic set (tiny networks, 16x16 images): stage 2
+trains with text, layout, semantic-map, super-resolution and inpainting conditions, and sample mode
+draws from command-line conditions, writing a [condition | sample] grid and the single PNGs.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_config
+from latent_diffusion import main, sample_inputs
+from latent_diffusion.errors import ConfigError, DataError
+
+
+def conditional_config(task: str, mode: str = 'train_diffusion'):
+  config = tiny_config.get_config()
+  config.mode = mode
+  config.diffusion_train.num_steps = 2
+  # A training grid with conditions for one task (the other tasks share its code).
+  config.diffusion_train.sample_every_steps = 2 if task == 'text' else 0
+  config.sample.num_samples = 3  # one padded batch of 2 + 1
+  unet, cond = config.unet, config.cond_stage
+  if task in ('text', 'layout'):
+    unet.use_spatial_transformer, unet.context_dim, unet.num_head_channels = True, 32, 16
+    config.diffusion.conditioning_key = 'crossattn'
+    config.diffusion.cond_drop_prob = 0.2
+    config.sample.guidance_scale = 2.0
+    cond.kind, cond.n_embed, cond.n_layer = 'transformer', 32, 1
+    if task == 'text':
+      cond.key, cond.tokenizer, cond.vocab_size, cond.max_seq_len = 'caption', 'word', 64, 24
+    else:
+      cond.key, cond.vocab_size, cond.max_seq_len = 'layout', 1024, 11
+      cond.layout_max_objects, cond.layout_encode_crop = 3, True
+  else:
+    config.diffusion.conditioning_key = 'concat'
+  if task == 'semantic':
+    unet.in_channels = 4 + 3
+    cond.kind, cond.key = 'spatial_rescaler', 'segmentation'
+    cond.n_stages, cond.in_channels, cond.out_channels = 1, 7, 3
+  elif task == 'sr':
+    unet.in_channels = 4 + 3
+    config.data.low_res_size = 8  # 16 -> 8: the 8x8 latent side
+    cond.kind, cond.key = 'identity', 'low_res'
+  elif task == 'inpaint':
+    unet.in_channels = 4 + 4 + 1
+    config.data.inpainting_masks = True
+    cond.kind, cond.key = 'first_stage', 'masked_image'
+  return config
+
+
+@pytest.fixture(scope='module')
+def stage1_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('stage1')
+  config = tiny_config.get_config()
+  config.mode = 'train_autoencoder'
+  config.autoencoder_train.num_steps = 2
+  main.run(config, str(workdir))
+  return workdir
+
+
+def workdir_with_stage1(stage1_workdir, tmp_path):
+  shutil.copytree(stage1_workdir / 'autoencoder', tmp_path / 'autoencoder')
+  return tmp_path
+
+
+def write_inputs(task, directory):
+  """The command-line condition of each task, as files where it is one."""
+  if task == 'text':
+    return {'prompt': 'a red circle left of a blue square | a green star'}
+  if task == 'layout':
+    path = directory / 'layout.json'
+    path.write_text(json.dumps([{'class': 'circle', 'box': [0.1, 0.1, 0.5, 0.5]},
+                                {'class': 3, 'box': [0.5, 0.4, 0.9, 0.9]}]))
+    return {'layout': str(path)}
+  if task == 'semantic':
+    segmentation = np.zeros((32, 32), np.uint8)  # twice the training size: convolutional sampling
+    segmentation[4:14, 4:14], segmentation[18:30, 10:28] = 1, 5
+    Image.fromarray(segmentation, 'L').save(directory / 'map.png')
+    return {'segmentation': str(directory / 'map.png')}
+  rng = np.random.default_rng(0)
+  if task == 'sr':
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), np.uint8)).save(directory / 'low.png')
+    return {'image': str(directory / 'low.png')}
+  Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(directory / 'face.png')
+  mask = np.zeros((16, 16), np.uint8)
+  mask[4:12, 6:14] = 255
+  Image.fromarray(mask, 'L').save(directory / 'mask.png')
+  return {'image': str(directory / 'face.png'), 'mask': str(directory / 'mask.png')}
+
+
+@pytest.mark.parametrize('task', ['text', 'layout', 'semantic', 'sr', 'inpaint'])
+def test_conditional_model_trains_and_samples_from_command_line_conditions(task, stage1_workdir, tmp_path):
+  workdir = workdir_with_stage1(stage1_workdir, tmp_path / 'run')
+  main.run(conditional_config(task), str(workdir))
+  training_grids = list((workdir / 'diffusion' / 'samples').glob('*.png'))
+  assert len(training_grids) == (task == 'text')
+
+  config = conditional_config(task, 'sample')
+  for name, value in write_inputs(task, tmp_path).items():
+    config.sample[name] = value
+  main.run(config, str(workdir))
+  side = 32 if task == 'semantic' else 16
+  grids = [p for p in (workdir / 'diffusion' / 'samples').glob('sample_step2_*.png')]
+  assert len(grids) == 1
+  singles = sorted(grids[0].with_suffix('').glob('*.png'))
+  assert len(singles) == 3
+  samples = np.stack([np.asarray(Image.open(p)) for p in singles])
+  assert samples.shape == (3, side, side, 3)
+  grid = np.asarray(Image.open(grids[0]))
+  assert grid.shape[1] > 2 * 128  # [condition | sample] pairs, shown at 128 px at least
+  if task == 'inpaint':  # the known pixels are kept
+    face = np.asarray(Image.open(tmp_path / 'face.png')).astype(int)
+    known = np.asarray(Image.open(tmp_path / 'mask.png')) == 0
+    assert np.abs(samples[0].astype(int) - face)[known].max() <= 1
+
+
+def test_sample_mode_names_a_class_label_out_of_range():
+  config = tiny_config.get_config()
+  config.mode = 'sample'
+  config.data.num_classes = 6
+  config.unet.num_classes = 7
+  config.diffusion.conditioning_key = 'adm'
+  config.sample.class_label = 9
+  with pytest.raises(ConfigError, match=r'class_label=9.*\[0, 5\]'):
+    sample_inputs.grid_inputs(config, 2)
+
+
+def test_sample_mode_refuses_a_mask_of_another_size(tmp_path):
+  config = conditional_config('inpaint', 'sample')
+  inputs = write_inputs('inpaint', tmp_path)
+  Image.fromarray(np.zeros((8, 8), np.uint8), 'L').save(tmp_path / 'small_mask.png')
+  config.sample.image, config.sample.mask = inputs['image'], str(tmp_path / 'small_mask.png')
+  with pytest.raises(DataError, match='8x8 does not match.*16x16'):
+    sample_inputs.grid_inputs(config, 2)
