@@ -42,7 +42,9 @@ def network_parameters(config) -> dict[str, dict]:
     unet_input = latent_shape[:-1] + (config.unet.in_channels or latent_shape[-1],)
     shapes['unet'] = (params['unet'], unet_input)
     if 'cond_stage' in params:
-      shapes['cond_stage'] = (params['cond_stage'], (1,))
+      raw = diffusion.example_conditions(config, 1)
+      name = diffusion.build_denoiser(config).cond_input
+      shapes['cond_stage'] = (params['cond_stage'], raw[name].shape if name in raw else (1,))
   return {name: {'parameters': count_parameters(params), 'input': list(input_shape),
                  'parts': {child: count_parameters(sub) for child, sub in params.items()}}
           for name, (params, input_shape) in shapes.items()}

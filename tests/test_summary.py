@@ -38,8 +38,36 @@ PAPER_LDM_UNETS = {
                       transformer_depth=1, context_dim=512),
 }
 PAPER_LDM_UNETS['ffhq_f4'] = PAPER_LDM_UNETS['lsun_bedrooms_f4'] = PAPER_LDM_UNETS['celebahq_f4']
-# The paper's ClassEmbedder rows (n_classes) of the class-conditional ones; the others have none.
-PAPER_LDM_CLASSES = {'cin_f8': 1000, 'cin256_v2': 1001}
+# The conditional ones of models/ldm/*/config.yaml and configs/latent-diffusion/txt2img-1p4B-eval.yaml.
+PAPER_LDM_UNETS.update({
+    'text2img256': dict(in_channels=3, out_channels=3, model_channels=192, attention_resolutions=[8, 4, 2],
+                        num_res_blocks=2, channel_mult=[1, 2, 3, 5], num_head_channels=32,
+                        use_spatial_transformer=True, transformer_depth=1, context_dim=640),
+    'txt2img_1p4b': dict(in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+                         num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
+                         transformer_depth=1, context_dim=1280, legacy=False),
+    'layout2img_openimages256': dict(in_channels=3, out_channels=3, model_channels=128,
+                                     attention_resolutions=[8, 4, 2], num_res_blocks=2, channel_mult=[1, 2, 3, 4],
+                                     num_head_channels=32, use_spatial_transformer=True, transformer_depth=3,
+                                     # one per block: the sdkit (SD 2) SpatialTransformer indexes it by depth
+                                     context_dim=[512] * 3),
+    'semantic_synthesis256': dict(in_channels=6, out_channels=3, model_channels=128,
+                                  attention_resolutions=[32, 16, 8], num_res_blocks=2, channel_mult=[1, 4, 8],
+                                  num_heads=8),
+    'bsr_sr': dict(in_channels=6, out_channels=3, model_channels=160, attention_resolutions=[16, 8],
+                   num_res_blocks=2, channel_mult=[1, 2, 2, 4], num_head_channels=32),
+    'inpainting_big': dict(in_channels=7, out_channels=3, model_channels=256, attention_resolutions=[8, 4, 2],
+                           num_res_blocks=2, channel_mult=[1, 2, 3, 4], num_heads=8, resblock_updown=True),
+})
+PAPER_LDM_UNETS['semantic_synthesis512'] = PAPER_LDM_UNETS['semantic_synthesis256']
+PAPER_LDM_UNETS['cin256'] = PAPER_LDM_UNETS['cin_f8']
+# The paper's ClassEmbedder rows (n_classes) of the class-conditional ones.
+PAPER_LDM_CLASSES = {'cin_f8': 1000, 'cin256': 1000, 'cin256_v2': 1001}
+# Their BERTEmbedder / TransformerEmbedder (n_embed, n_layer, vocab_size, max_seq_len) and SpatialRescaler
+# (n_stages, in_channels, out_channels); bsr_sr's identity and inpainting_big's first stage have none.
+PAPER_LDM_TRANSFORMERS = {'text2img256': (640, 32, 30522, 77), 'txt2img_1p4b': (1280, 32, 30522, 77),
+                          'layout2img_openimages256': (512, 16, 8192, 92)}
+PAPER_LDM_RESCALERS = {'semantic_synthesis256': (2, 182, 3), 'semantic_synthesis512': (2, 182, 3)}
 
 
 @pytest.fixture(scope='module')
@@ -115,7 +143,8 @@ def test_every_paper_first_stage_config_builds_with_the_papers_parameter_count(n
 
 # ffhq_f4 and lsun_bedrooms_f4 share celebahq_f4's U-Net (configs.paper_ldm.UNET_VQ_F4), cin_f8 has
 # cin256_v2's kind of model, and lsun_churches_f8's U-Net count is also checked above: slow only.
-_SLOW_LDMS = ('ffhq_f4', 'lsun_bedrooms_f4', 'cin_f8', 'lsun_churches_f8')
+_SLOW_LDMS = ('ffhq_f4', 'lsun_bedrooms_f4', 'cin_f8', 'lsun_churches_f8', 'cin256', 'semantic_synthesis512',
+              'txt2img_1p4b')  # the last: text2img256's kind of model, 1.45B parameters
 
 
 @pytest.mark.parametrize('name', [pytest.param(name, marks=pytest.mark.slow) if name in _SLOW_LDMS else name
@@ -126,9 +155,27 @@ def test_every_paper_ldm_config_builds_with_the_papers_parameter_counts(name):
   networks = summary.network_parameters(config)
   with torch.device('meta'):
     unet = PaperUNet(image_size=32, **PAPER_LDM_UNETS[name])
-    embedder = torch.nn.Embedding(PAPER_LDM_CLASSES.get(name, 1), 512)  # the paper's ClassEmbedder
+    cond_stage = paper_cond_stage(name)
   assert networks['unet']['parameters'] == sum(p.numel() for p in unet.parameters())
-  if name in PAPER_LDM_CLASSES:
-    assert networks['cond_stage']['parameters'] == sum(p.numel() for p in embedder.parameters())
+  if cond_stage is not None:
+    assert networks['cond_stage']['parameters'] == sum(p.numel() for p in cond_stage.parameters())
   else:
     assert 'cond_stage' not in networks
+
+
+def paper_cond_stage(name):
+  """The paper's cond_stage_model of a released LDM (x-transformers 0.10.2 is its vendored
+  x_transformer), or None."""
+  if name in PAPER_LDM_CLASSES:
+    return torch.nn.Embedding(PAPER_LDM_CLASSES[name], 512)  # the paper's ClassEmbedder
+  if name in PAPER_LDM_TRANSFORMERS:
+    import x_transformers  # pylint: disable=g-import-not-at-top
+    n_embed, n_layer, vocab_size, max_seq_len = PAPER_LDM_TRANSFORMERS[name]
+    return x_transformers.TransformerWrapper(num_tokens=vocab_size, max_seq_len=max_seq_len,
+                                             attn_layers=x_transformers.Encoder(dim=n_embed, depth=n_layer))
+  if name in PAPER_LDM_RESCALERS:
+    # The paper's SpatialRescaler holds one module with parameters, channel_mapper =
+    # Conv2d(in, out, 1, bias=False) (its resizing has none); sdkit's copy imports open_clip.
+    _, in_channels, out_channels = PAPER_LDM_RESCALERS[name]
+    return torch.nn.ModuleDict({'channel_mapper': torch.nn.Conv2d(in_channels, out_channels, 1, bias=False)})
+  return None
