@@ -8,7 +8,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.mode = 'train'  # train | train_autoencoder | train_diffusion | sample | eval_autoencoder | convert | summary
+  config.mode = 'train'  # train | train_autoencoder | train_diffusion | sample | eval_autoencoder | eval_conditional | convert | summary
   config.seed = 0                   # all randomness: init, data order, per-step keys
   config.dtype = 'float32'          # activation dtype: float32 | bfloat16 (parameters stay float32)
   config.log_every_steps = 50       # progress lines and TensorBoard scalars
@@ -111,6 +111,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.num_images = 1000     # images to reconstruct (0 = the whole split)
   config.eval.batch_size = 16       # images per compiled call
+  # eval_conditional: samples under eval.num_images held-out conditions, measured by networks trained here.
+  config.eval.classifier_path = ''  # class-conditional models: python -m latent_diffusion.evaluate.classifier --out=...
+  config.eval.parser_path = ''      # text/layout/semantic models on the synthetic set: ...evaluate.shapes_parser --out=...
 
   config.convert = ml_collections.ConfigDict()
   config.convert.source = ''        # convert mode: a paper .ckpt or diffusers weights file / folder

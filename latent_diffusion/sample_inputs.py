@@ -139,8 +139,9 @@ def _cli_display(config, key: str, count: int) -> dict | None:
   return None
 
 
-def _data_display(config, count: int) -> dict:
-  """The first `count` held-out examples' condition fields (fixed order, unflipped)."""
+def held_out_batch(config, count: int) -> dict:
+  """The first `count` held-out examples as one batch (fixed order, unflipped, with the low-resolution
+  inputs and masks the data config makes)."""
   from latent_diffusion import evaluate  # pylint: disable=g-import-not-at-top
   data_config = (evaluate.eval_data_config(config) if evaluate.has_eval_split(config)
                  else config.data.copy_and_resolve_references())
@@ -187,7 +188,7 @@ def grid_inputs(config, count: int, tokenizer=None, from_cli: bool = True) -> tu
     if key == 'label':
       display = {'label': np.asarray(conditioning.sampling_labels(config, count))}
     else:
-      display = _data_display(config, count)
+      display = held_out_batch(config, count)
       logging.info('sample: conditions of %d held-out examples (no sample.* input given)', count)
   batch = dict(display)
   batch.setdefault('image', np.zeros((count, 1, 1, 3), np.float32))

@@ -29,8 +29,25 @@ def make_writer(directory: Path):
   clu's writers import TensorFlow, so they are imported here, by training runs only: the models,
   samplers and benchmarks import without it (as on accelerator images that lack it).
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:  # no TensorFlow on this image: scalars still reach the log and metrics.jsonl
+    logging.warning('TensorBoard events off (%s); logging metrics only', e)
+    return LoggingWriter()
   return metric_writers.create_default_writer(str(directory), just_logging=jax.process_index() > 0)
+
+
+class LoggingWriter:
+  """The writer methods the loops use, logging scalars only (where clu's TensorFlow writers cannot load)."""
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()))
+
+  def write_images(self, step: int, images: dict) -> None:
+    del step, images
+
+  def flush(self) -> None:
+    pass
 
 
 def _leaf_path(path) -> str:

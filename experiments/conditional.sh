@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Trains every small conditional config and measures whether its samples obey their conditions
+# (eval_conditional), with sample-mode grids from command-line conditions. Independent chains run in
+# parallel (one accelerator, or the CPU cores); each training run stops at its config's num_steps or
+# at the DEADLINE (a clean preemption: the last checkpoint is kept and evaluated).
+#
+#   experiments/conditional.sh OUT [DEADLINE_SECONDS]
+#
+# OUT receives results/<task>*.json, grids/*.png and logs/; the workdirs go to $WORKDIRS (default
+# OUT/workdirs). Data: $LDM_DATA (utkface64). EVAL_N conditions per evaluation (256), EVAL_BATCH
+# samples per compiled sampler call (64). QUICK=1 shrinks every budget to a few steps (a smoke run).
+set -uo pipefail
+OUT=$(realpath -m "$1"); DEADLINE=${2:-100000}
+START=$(date +%s)
+W=${WORKDIRS:-$OUT/workdirs}; mkdir -p "$W" "$OUT/results" "$OUT/grids" "$OUT/logs"
+PY=${PYTHON:-python}
+MAIN="$PY -m latent_diffusion.main"
+EVAL_N=${EVAL_N:-256}
+EVAL_BATCH=${EVAL_BATCH:-64}
+if [[ "${QUICK:-0}" == 1 ]]; then
+  STEPS="--config.diffusion_train.num_steps=4 --config.diffusion_train.sample_every_steps=4 --config.sample.num_steps=4"
+  AE_STEPS="--config.autoencoder_train.num_steps=4 --config.autoencoder_train.eval_every_steps=0"
+  PARSER_STEPS=5; CLASSIFIER_STEPS=5; EVAL_N=8; EVAL_BATCH=8; EVAL_STEPS="--config.sample.num_steps=4"
+else
+  STEPS=""; AE_STEPS=""; PARSER_STEPS=${PARSER_STEPS:-3000}; CLASSIFIER_STEPS=${CLASSIFIER_STEPS:-1500}
+  EVAL_STEPS=""
+fi
+EVAL_STEPS="$EVAL_STEPS --config.sample.batch_size=$EVAL_BATCH"
+
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+# run NAME CMD...: the command with the time left before the deadline minus a reserve for evaluation.
+train() { local name=$1 reserve=$2; shift 2; timeout -s TERM $(( $(left) - reserve )) "$@" > "$OUT/logs/$name.log" 2>&1 \
+  || echo "$name: exit $?" >> "$OUT/logs/status.txt"; }
+run() { local name=$1; shift; timeout -s TERM $(( $(left) > 5 ? $(left) - 5 : 1 )) "$@" > "$OUT/logs/$name.log" 2>&1 \
+  || echo "$name: exit $?" >> "$OUT/logs/status.txt"; }
+wait_for() { while [[ ! -e "$1" ]] && (( $(left) > 20 )); do sleep 2; done; }
+collect() {  # collect TASK: the eval JSONs and grids of one workdir
+  cp "$W/$1"/diffusion/eval_*.json "$OUT/results/" 2>/dev/null
+  for f in "$W/$1"/diffusion/samples/*.png; do [[ -e "$f" ]] && cp "$f" "$OUT/grids/$1_$(basename "$f")"; done
+}
+EVAL_RESERVE=${EVAL_RESERVE:-150}
+
+# Measuring networks, trained by our code: the shapes parser (synthetic set) and a UTKFace race classifier.
+run parser $PY -m latent_diffusion.evaluate.shapes_parser --out="$W/parser.msgpack" --steps=$PARSER_STEPS &
+run classifier $PY -m latent_diffusion.evaluate.classifier --data=utkface64 --out="$W/utk_classifier.msgpack" \
+    --steps=$CLASSIFIER_STEPS &
+
+# Stage 1 of the synthetic tasks: configs/default.py's autoencoder, shared by three workdirs.
+shapes_chain() {
+  train shapes_ae $(( EVAL_RESERVE + 120 )) $MAIN --config=configs/default.py --workdir="$W/shapes_ae" \
+      --config.mode=train_autoencoder $AE_STEPS
+  for task in shapes_text shapes_layout shapes_semantic; do
+    mkdir -p "$W/$task" && cp -r "$W/shapes_ae/autoencoder" "$W/$task/"
+    ( train $task $EVAL_RESERVE $MAIN --config=configs/$task.py --workdir="$W/$task" --config.mode=train_diffusion $STEPS
+      wait_for "$W/parser.msgpack"
+      scales="1.0"; [[ $task != shapes_semantic ]] && scales="1.0 3.0"
+      for scale in $scales; do
+        run ${task}_eval_cfg$scale $MAIN --config=configs/$task.py --workdir="$W/$task" --config.mode=eval_conditional \
+            --config.eval.parser_path="$W/parser.msgpack" --config.eval.num_images=$EVAL_N \
+            --config.sample.guidance_scale=$scale $EVAL_STEPS
+      done
+      collect $task ) &
+  done
+  wait
+}
+
+utkface_chain() {  # class-conditional (utkface64_f4's stage 1)
+  train utkface_class $EVAL_RESERVE $MAIN --config=configs/utkface_class.py --workdir="$W/utkface_class" \
+      $AE_STEPS $STEPS
+  wait_for "$W/utk_classifier.msgpack"
+  for scale in 1.0 3.0; do
+    run utkface_class_eval_cfg$scale $MAIN --config=configs/utkface_class.py --workdir="$W/utkface_class" \
+        --config.mode=eval_conditional --config.eval.classifier_path="$W/utk_classifier.msgpack" \
+        --config.eval.num_images=$EVAL_N --config.sample.guidance_scale=$scale $EVAL_STEPS
+  done
+  collect utkface_class
+}
+
+restoration_chain() {  # super-resolution and inpainting share the KL-f2 stage 1
+  train restoration_ae $(( EVAL_RESERVE + 120 )) $MAIN --config=configs/utkface_sr.py --workdir="$W/utkface_sr" \
+      --config.mode=train_autoencoder $AE_STEPS
+  mkdir -p "$W/utkface_inpaint" && cp -r "$W/utkface_sr/autoencoder" "$W/utkface_inpaint/"
+  for task in utkface_sr utkface_inpaint; do
+    ( train $task $EVAL_RESERVE $MAIN --config=configs/$task.py --workdir="$W/$task" --config.mode=train_diffusion $STEPS
+      run ${task}_eval $MAIN --config=configs/$task.py --workdir="$W/$task" --config.mode=eval_conditional \
+          --config.eval.num_images=$EVAL_N $EVAL_STEPS
+      collect $task ) &
+  done
+  wait
+}
+
+shapes_chain & utkface_chain & restoration_chain &
+wait
+cp "$W"/*/diffusion/metrics.jsonl "$OUT/logs/" 2>/dev/null
+for task in shapes_text shapes_layout shapes_semantic utkface_class utkface_sr utkface_inpaint; do
+  [[ -e "$W/$task/diffusion/metrics.jsonl" ]] && cp "$W/$task/diffusion/metrics.jsonl" "$OUT/logs/${task}_metrics.jsonl"
+done
+echo "finished in $(( $(date +%s) - START )) s" | tee -a "$OUT/logs/status.txt"
