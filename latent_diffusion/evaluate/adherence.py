@@ -245,8 +245,8 @@ def semantic_accuracy(shape_maps, requested_segmentation) -> float:
 
 
 def class_accuracy(predicted_labels, requested_labels) -> float:
-  """Fraction of predicted labels (N,) equal to the requested ones (N,)."""
+  """Fraction of predicted labels (N,) equal to the requested ones (N,); NaN for N = 0."""
   predicted, requested = np.asarray(predicted_labels), np.asarray(requested_labels)
   if predicted.shape != requested.shape or predicted.ndim != 1:
     raise ValueError(f'predicted {predicted.shape} and requested {requested.shape} labels must both be (N,)')
-  return float(np.mean(predicted == requested))
+  return float(np.mean(predicted == requested)) if len(predicted) else float('nan')

@@ -2,13 +2,16 @@
 input pipeline: it measures whether class-conditional samples show their class (predict) and gives
 the features (penultimate layer) on which a Frechet distance of samples is computed.
 
-Network: a 3x3 stem, then three stages of one residual block each (BatchNorm, ReLU; widths 32, 64, 128,
-the last two halving the map), global average pooling -> features (N, 128) -> linear head. The stem's
-stride is the input side // 32 (at least 1), so 64x64 faces cost what 32x32 CIFAR images do.
+Network: images larger than 32 px are average-pooled to about 32 px (64x64 faces by 2x2), a stride-2
+3x3 stem, then three stages of one residual block each (BatchNorm, ReLU; widths 32, 64, 128 at 1/2,
+1/4, 1/8 of 32 px), global average pooling -> features (N, 128) -> linear head; 0.3 M parameters.
+Sized for a 2-core CPU: ~0.16 s per step of 64 images. On the GPU, at the CPU's step count for ~6
+min (2000 steps), a full-resolution stage 1 (~5x the CPU time per step, so 400 steps) reached 58%
+on CIFAR-10, this layout 68-73%.
 
 Variables are {'params', 'batch_stats'}; predict and features use the running batch statistics.
 
-  python -m latent_diffusion.evaluate.classifier --data=cifar10 --out=/tmp/cifar10.msgpack --steps=1200
+  python -m latent_diffusion.evaluate.classifier --data=cifar10 --out=/tmp/cifar10.msgpack
 """
 
 import time
@@ -26,7 +29,7 @@ from latent_diffusion.errors import CheckpointError, ConfigError, DataError
 from latent_diffusion.evaluate import params_file
 
 WIDTHS = (32, 64, 128)
-BASE_SIDE = 32  # the stem brings inputs to about this side
+INPUT_SIDE = 32  # larger inputs are average-pooled to about this side
 _EVAL_BATCH = 250
 
 
@@ -49,21 +52,24 @@ class ResidualBlock(nn.Module):
 
 
 class Classifier(nn.Module):
-  """images (N, S, S, 3) in [-1, 1] -> (logits (N, num_classes), features (N, WIDTHS[-1]))."""
+  """images (N, S, S, 3) in [-1, 1] -> (logits (N, num_classes), features (N, widths[-1]))."""
   num_classes: int
+  widths: tuple[int, ...] = WIDTHS
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    stride = max(1, images.shape[1] // BASE_SIDE)
-    x = nn.Conv(WIDTHS[0], (3, 3), strides=stride, use_bias=False, name='stem')(images)
+    factor = images.shape[1] // INPUT_SIDE
+    if factor > 1:  # larger images are averaged down to about INPUT_SIDE first
+      images = nn.avg_pool(images, (factor, factor), strides=(factor, factor))
+    x = nn.Conv(self.widths[0], (3, 3), strides=2, use_bias=False, name='stem')(images)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name='stem_norm')(x))
-    for stage, features in enumerate(WIDTHS):
+    for stage, features in enumerate(self.widths):
       x = ResidualBlock(features, stride=1 if stage == 0 else 2, name=f'stage_{stage}')(x, train)
-    features = jnp.mean(x, axis=(1, 2))  # (N, WIDTHS[-1])
+    features = jnp.mean(x, axis=(1, 2))  # (N, widths[-1])
     return nn.Dense(self.num_classes, name='head')(features), features
 
 
-def abstract_variables(num_classes: int, image_size: int = BASE_SIDE):
+def abstract_variables(num_classes: int, image_size: int = INPUT_SIDE):
   images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   return jax.eval_shape(Classifier(num_classes).init, jax.random.key(0), images)
 
@@ -127,7 +133,7 @@ def _make_train_step(model, optimizer):
 
 
 def train_classifier(data_config, eval_path: str, steps: int, batch_size: int, seed: int,
-                     learning_rate: float = 0.2, weight_decay: float = 5e-4,
+                     learning_rate: float = 0.4, weight_decay: float = 5e-4,
                      log_every: int = 0) -> tuple[dict, dict]:
   """Trains a classifier from scratch on `steps` batches of data_config's folder (the pipeline's
   shuffling and flips), SGD with Nesterov momentum, a linear warmup over the first 10% then a linear
@@ -168,7 +174,8 @@ def train_classifier(data_config, eval_path: str, steps: int, batch_size: int, s
     variables, opt_state, accuracy = train_step(variables, opt_state, batch['image'], batch['label'])
     accuracies.append(accuracy)
     if log_every and (step + 1) % log_every == 0:
-      print(f'step {step + 1}/{steps}: train accuracy {float(np.mean(jax.device_get(accuracies[-log_every:]))):.3f}'
+      recent = float(np.mean(jax.device_get(accuracies[-log_every:])))
+      print(f'step {step + 1}/{steps}: train accuracy {recent:.3f}'
             f' ({time.perf_counter() - start:.0f} s)', flush=True)
   variables = jax.device_get(variables)
   train_seconds = time.perf_counter() - start
@@ -248,7 +255,8 @@ def dataset_config(name: str, data_root: str):
   data_config = base.get_config().data
   with data_config.unlocked():
     data_config.source, data_config.path = 'folder', str(Path(data_root) / train)
-    data_config.image_size, data_config.num_classes, data_config.label_column = image_size, num_classes, 'label'
+    data_config.image_size, data_config.num_classes = image_size, num_classes
+    data_config.label_column = 'label'
     data_config.crop, data_config.flip = 'center', True
   return data_config, str(Path(data_root) / held_out)
 
@@ -273,10 +281,10 @@ if __name__ == '__main__':
   from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
   flags.DEFINE_enum('data', None, sorted(DATASETS), 'Which labelled set.', required=True)
   flags.DEFINE_string('out', None, 'Where to write the classifier variables (msgpack).', required=True)
-  flags.DEFINE_integer('steps', 1200, 'Training steps.')
+  flags.DEFINE_integer('steps', 1500, 'Training steps.')
   flags.DEFINE_integer('batch_size', 64, 'Images per step.')
   flags.DEFINE_integer('seed', 0, 'Seed of the initialisation and of the pipeline.')
-  flags.DEFINE_float('learning_rate', 0.2, 'Peak SGD learning rate.')
+  flags.DEFINE_float('learning_rate', 0.4, 'Peak SGD learning rate.')
   flags.DEFINE_string('data_root', os.environ.get('LDM_DATA', '../shared/data'),
                       'Folder holding cifar10/ and utkface64/ ($LDM_DATA, as the configs).')
   flags.DEFINE_integer('log_every', 100, 'Print the train accuracy every this many steps (0: never).')

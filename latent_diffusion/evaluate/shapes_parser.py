@@ -210,12 +210,14 @@ def train_parser(steps: int, batch_size: int, seed: int, image_size: int = 64, l
     params, opt_state, loss = train_step(params, opt_state, batch, jax.random.fold_in(rng, step))
     losses.append(loss)
     if log_every and (step + 1) % log_every == 0:
-      print(f'step {step + 1}/{steps}: loss {float(loss):.4f} ({time.perf_counter() - start:.0f} s)', flush=True)
+      elapsed = time.perf_counter() - start
+      print(f'step {step + 1}/{steps}: loss {float(loss):.4f} ({elapsed:.0f} s)', flush=True)
   params = jax.device_get(params)
   train_seconds = time.perf_counter() - start
   metrics = pixel_accuracies(params, make_batch(VALIDATION_SEED, 0, VALIDATION_SIZE, image_size))
   last = max(1, min(50, steps // 10))
-  metrics.update(loss=float(np.mean(jax.device_get(losses[-last:]))), steps=steps, train_seconds=train_seconds)
+  metrics.update(loss=float(np.mean(jax.device_get(losses[-last:]))), steps=steps,
+                 train_seconds=train_seconds)
   return params, metrics
 
 

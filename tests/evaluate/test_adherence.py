@@ -123,7 +123,8 @@ def test_caption_objects_names_the_word_that_breaks_the_grammar(caption, message
 def test_text_adherence_is_high_for_own_captions_and_low_for_shifted_ones(examples):
   own = adherence.text_adherence(examples['shape_map'], examples['colour_map'], examples['caption'])
   assert own['objects'] >= 0.9 and own['objects_and_relations'] >= 0.9
-  other = adherence.text_adherence(examples['shape_map'], examples['colour_map'], shifted(examples['caption']))
+  other = adherence.text_adherence(examples['shape_map'], examples['colour_map'],
+                                   shifted(examples['caption']))
   assert other['objects'] <= 0.2 and other['objects_and_relations'] <= other['objects']
 
 
@@ -156,7 +157,8 @@ def test_text_adherence_counts_a_missing_or_extra_object_as_a_failure(examples):
 def test_layout_adherence_is_high_for_own_boxes_and_low_for_shifted_ones(examples):
   own = adherence.layout_adherence(examples['shape_map'], examples['colour_map'], examples['boxes'])
   assert own >= 0.8
-  other = adherence.layout_adherence(examples['shape_map'], examples['colour_map'], shifted(examples['boxes']))
+  other = adherence.layout_adherence(examples['shape_map'], examples['colour_map'],
+                                     shifted(examples['boxes']))
   assert other <= 0.3
 
 
@@ -186,7 +188,8 @@ def test_semantic_accuracy_is_high_for_own_segmentation_and_lower_for_shifted(ex
 def test_class_accuracy_counts_equal_labels(examples):
   labels = examples['label']
   assert adherence.class_accuracy(labels, labels) == 1.0
-  assert adherence.class_accuracy(labels, shifted(labels)) == pytest.approx(np.mean(labels == shifted(labels)))
+  other = shifted(labels)
+  assert adherence.class_accuracy(labels, other) == pytest.approx(np.mean(labels == other))
   assert adherence.class_accuracy(labels, shifted(labels)) <= 0.4
   with pytest.raises(ValueError, match='labels must both be'):
     adherence.class_accuracy(labels, labels[:-1])

@@ -90,8 +90,10 @@ def test_save_and_load_round_trip(trained, tmp_path):
   path = classifier.save_classifier(tmp_path / 'sub' / 'classifier.msgpack', trained.variables)
   loaded = classifier.load_classifier(path)
   images, _ = read_images(trained.test)
-  np.testing.assert_array_equal(classifier.predict(loaded, images), classifier.predict(trained.variables, images))
-  np.testing.assert_allclose(classifier.features(loaded, images), classifier.features(trained.variables, images))
+  np.testing.assert_array_equal(classifier.predict(loaded, images),
+                                classifier.predict(trained.variables, images))
+  np.testing.assert_allclose(classifier.features(loaded, images),
+                             classifier.features(trained.variables, images))
 
 
 def test_load_classifier_names_a_missing_or_foreign_file(tmp_path):
@@ -106,12 +108,12 @@ def test_load_classifier_names_a_missing_or_foreign_file(tmp_path):
     classifier.load_classifier(parser_path)
 
 
-def test_larger_images_go_through_a_strided_stem(trained):
-  variables = jax.jit(classifier.Classifier(2).init)(jax.random.key(0), np.zeros((1, 64, 64, 3)))
-  assert classifier.features(variables, np.zeros((3, 64, 64, 3))).shape == (3, classifier.WIDTHS[-1])
-  # The same parameters serve both sizes: the stem's stride, not its kernel, follows the input side.
-  assert (jax.tree.map(np.shape, variables)
-          == jax.tree.map(np.shape, trained.variables))
+def test_larger_images_are_averaged_down_to_the_trained_size(trained):
+  # A 64 px image made of 2x2 copies of each pixel of a 32 px one has the same features.
+  images, _ = read_images(trained.test)
+  doubled = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)
+  np.testing.assert_allclose(classifier.features(trained.variables, doubled),
+                             classifier.features(trained.variables, images), rtol=1e-4, atol=1e-5)
 
 
 def test_bad_label_configs_raise_config_errors(trained):
@@ -127,8 +129,9 @@ def test_command_line_trains_saves_and_reports(trained, tmp_path, capsys, monkey
   (data_root / 'cifar10' / 'train').symlink_to(trained.train)
   (data_root / 'cifar10' / 'test').symlink_to(trained.test)
   monkeypatch.setitem(classifier.DATASETS, 'cifar10', ('cifar10/train', 'cifar10/test', 32, 2))
-  flag_values = types.SimpleNamespace(data='cifar10', data_root=str(data_root), out=str(tmp_path / 'c.msgpack'),
-                                      steps=3, batch_size=16, seed=0, learning_rate=0.05, log_every=0)
+  flag_values = types.SimpleNamespace(data='cifar10', data_root=str(data_root),
+                                      out=str(tmp_path / 'c.msgpack'), steps=3, batch_size=16, seed=0,
+                                      learning_rate=0.05, log_every=0)
   classifier._main(flag_values)  # pylint: disable=protected-access
   printed = capsys.readouterr().out
   assert 'held-out accuracy' in printed and f'wrote {tmp_path / "c.msgpack"}' in printed

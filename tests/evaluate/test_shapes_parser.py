@@ -71,8 +71,9 @@ def test_a_short_training_run_lowers_the_loss_and_finds_the_background(trained):
   loss = jax.jit(shapes_parser._loss)  # pylint: disable=protected-access
   initial_loss = float(loss(initial, batch['image'], batch['shape_map'], batch['colour_map']))
   assert metrics['loss'] < 0.6 * initial_loss
-  untrained = shapes_parser.pixel_accuracies(
-      initial, shapes_parser.make_batch(shapes_parser.VALIDATION_SEED, 0, shapes_parser.VALIDATION_SIZE, TEST_SIZE))
+  held_out = shapes_parser.make_batch(shapes_parser.VALIDATION_SEED, 0, shapes_parser.VALIDATION_SIZE,
+                                      TEST_SIZE)
+  untrained = shapes_parser.pixel_accuracies(initial, held_out)
   assert metrics['shape_accuracy'] > untrained['shape_accuracy'] + 0.3
   assert metrics['colour_accuracy'] > untrained['colour_accuracy'] + 0.3
   assert metrics['steps'] == 30 and metrics['train_seconds'] > 0
@@ -90,7 +91,8 @@ def test_parse_gives_int_maps_the_same_in_chunks(trained, monkeypatch):
   shape_map, colour_map = shapes_parser.parse(params, images)
   assert shape_map.shape == colour_map.shape == (5, TEST_SIZE, TEST_SIZE)
   assert shape_map.dtype == colour_map.dtype == np.int32
-  assert shape_map.max() < shapes_parser.NUM_SHAPE_CLASSES and colour_map.max() < shapes_parser.NUM_COLOUR_CLASSES
+  assert shape_map.max() < shapes_parser.NUM_SHAPE_CLASSES
+  assert colour_map.max() < shapes_parser.NUM_COLOUR_CLASSES
   logits = jax.jit(shapes_parser.ShapesParser().apply)({'params': params}, images)
   np.testing.assert_array_equal(shape_map, np.argmax(logits[0], -1))
   np.testing.assert_array_equal(colour_map, np.argmax(logits[1], -1))
@@ -120,6 +122,7 @@ def test_load_parser_names_a_missing_or_wrong_file(tmp_path):
     shapes_parser.load_parser(tmp_path / 'text.msgpack')
   narrow = jax.eval_shape(shapes_parser.ShapesParser(widths=(8, 16, 24, 32)).init, jax.random.key(0),
                           jnp.zeros((1, 32, 32, 3)))['params']
-  shapes_parser.save_parser(tmp_path / 'narrow.msgpack', jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), narrow))
+  narrow = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), narrow)
+  shapes_parser.save_parser(tmp_path / 'narrow.msgpack', narrow)
   with pytest.raises(CheckpointError, match='narrow.msgpack: parameter .* has shape'):
     shapes_parser.load_parser(tmp_path / 'narrow.msgpack')
