@@ -245,3 +245,16 @@ def test_read_metrics_keeps_the_last_line_of_a_step_logged_twice(tmp_path):
   path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
   assert loop.read_metrics(path) == {1: {'step': 1, 'loss': 3.0}, 2: {'step': 2, 'loss': 1.5}}
   assert loop.read_metrics(tmp_path / 'absent.jsonl') == {}
+
+
+def test_make_writer_logs_scalars_when_clu_writers_cannot_load(tmp_path, monkeypatch, caplog):
+  import sys  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, 'clu', None)  # as on an accelerator image without TensorFlow
+  writer = loop.make_writer(tmp_path)
+  assert isinstance(writer, loop.LoggingWriter)
+  with caplog.at_level('INFO'):
+    writer.write_scalars(7, {'loss': np.float32(0.25)})
+    writer.write_images(7, {'grid': np.zeros((1, 2, 2, 3))})
+    writer.flush()
+  assert '[7] loss=0.25' in caplog.text
+  assert not list(tmp_path.iterdir())  # no event files
