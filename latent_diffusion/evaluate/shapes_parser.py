@@ -2,18 +2,22 @@
 (0 background, k + 1 shape synthetic.SHAPES[k]) and its colour class (0 background, c + 1 colour
 synthetic.COLOR_NAMES[c]). The adherence measures (adherence.py) read conditional samples through it.
 
-The network is a small fully-convolutional U-Net (about 0.3 M parameters). It starts with a 2x2
-space-to-depth, so its finest level works at half resolution (four times cheaper on CPU), and ends with
-the inverse: each half-resolution cell predicts the classes of its 2x2 pixels. Three more halvings give
-cells of 16 pixels, whose 3x3 convolutions see a whole object (shapes span 14..30 px at 64 px).
+The network is a small fully-convolutional U-Net (0.31 M parameters; 3x3 convolutions, GroupNorm(8),
+swish). It starts with a 2x2 space-to-depth, so its finest level works at half resolution (four times
+cheaper on CPU), and ends with the inverse: each half-resolution cell predicts the classes of its 2x2
+pixels. Three more halvings give cells of 16 pixels, whose 3x3 convolutions see a whole object (shapes
+span 14..30 px at 64 px).
 
 Training draws fresh examples from synthetic.make_example (seed `seed`, consecutive indices), with mild
 noise and colour shifts so that samples of a generative model, which are never pixel-exact, still
 parse. Held-out accuracies are measured on clean examples of VALIDATION_SEED, which neither the
 configs (synthetic_seed 0), the autoencoder's eval split (seed + 1_000_003) nor the default seed here
-draw.
+draw. The CLI's defaults (1000 steps of 16, Adam peaking at 3e-3) took 344 s on the shared 2-core CPU
+and reached 99.4% (shape) and 99.5% (colour) of all held-out pixels, 97.2% and 97.8% of the pixels of
+shapes. On a GPU, 2000 steps of 32 at a peak of 5e-3 reached 99.7% of shape pixels with GroupNorm and
+stalled at 65% without it.
 
-  python -m latent_diffusion.evaluate.shapes_parser --out=/tmp/parser.msgpack [--steps=1500]
+  python -m latent_diffusion.evaluate.shapes_parser --out=/tmp/parser.msgpack [--steps=1000]
 """
 
 import functools

@@ -117,6 +117,11 @@ def test_larger_images_are_averaged_down_to_the_trained_size(trained):
 
 
 def test_bad_label_configs_raise_config_errors(trained):
+  synthetic_config = folder_config(trained.train)
+  with synthetic_config.unlocked():
+    synthetic_config.source = 'synthetic'
+  with pytest.raises(ConfigError, match="data.source must be 'folder'"):
+    classifier.train_classifier(synthetic_config, str(trained.test), 1, 4, 0)
   with pytest.raises(ConfigError, match='data.num_classes must be positive'):
     classifier.train_classifier(folder_config(trained.train, num_classes=0), str(trained.test), 1, 4, 0)
   with pytest.raises(ConfigError, match='data.num_classes=1, but .* has label 1'):
