@@ -36,10 +36,11 @@ SAMPLERS = ('ddim', 'ddpm', 'plms', 'dpm_solver')
 def latent_shape(config, height: int = 0, width: int = 0) -> tuple[int, int, int]:
   """(h, w, c) of the stage-1 latents for the configured image size (or height x width pixels)."""
   f = 2 ** (len(config.autoencoder.ch_mult) - 1)
+  names = ('sample.height' if height else 'data.image_size', 'sample.width' if width else 'data.image_size')
   height, width = height or config.data.image_size, width or config.data.image_size
-  for name, size in (('height', height), ('width', width)):
+  for name, size in zip(names, (height, width)):
     if size % f:
-      raise ConfigError(f'{name} {size} is not divisible by the autoencoder factor f={f}')
+      raise ConfigError(f'{name}={size} is not divisible by the autoencoder factor f={f}')
   return height // f, width // f, config.autoencoder.embed_dim
 
 
