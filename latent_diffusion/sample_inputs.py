@@ -190,11 +190,7 @@ def grid_inputs(config, count: int, tokenizer=None, from_cli: bool = True) -> tu
     else:
       display = held_out_batch(config, count)
       logging.info('sample: conditions of %d held-out examples (no sample.* input given)', count)
-  batch = dict(display)
-  batch.setdefault('image', np.zeros((count, 1, 1, 3), np.float32))
-  inputs = conditioning.host_inputs(config, batch, tokenizer)
-  if key != 'masked_image':
-    inputs.pop('image')
+  inputs = conditioning.sampler_inputs(config, display, tokenizer)
   return inputs, {name: display[name] for name in display
                   if name in conditioning.BATCH_FIELDS[key] + ('caption', 'boxes', 'label')}
 

@@ -129,10 +129,7 @@ def conditions(config, count: int, tokenizer) -> tuple[dict, dict]:
     labels = np.arange(count, dtype=np.int32) % config.data.num_classes
     return {'label': labels}, {'label': labels}
   batch = sample_inputs.held_out_batch(config, count)
-  inputs = conditioning.host_inputs(config, batch, tokenizer)
-  if key != 'masked_image':
-    inputs.pop('image')
-  return inputs, batch
+  return conditioning.sampler_inputs(config, batch, tokenizer), batch
 
 
 def evaluate_conditional(config, workdir) -> dict:

@@ -203,7 +203,7 @@ def host_inputs(config, batch: dict, tokenizer=None) -> dict:
   """The numeric inputs of a pipeline batch that stage 2 needs (numpy, before sharding): 'image', and
   the raw conditions, captions and layouts tokenized here; inpainting keeps 'image' and 'mask' (the
   concat is encoded on device)."""
-  inputs = {'image': batch['image']}
+  inputs = {'image': batch['image']} if 'image' in batch else {}
   if not is_conditional(config):
     return inputs
   key = 'label' if config.diffusion.conditioning_key == 'adm' else config.cond_stage.key
@@ -223,4 +223,13 @@ def host_inputs(config, batch: dict, tokenizer=None) -> dict:
     inputs['mask'] = np.asarray(batch['mask'], np.float32)
   else:
     inputs['label'] = np.asarray(batch['label'], np.int32)
+  return inputs
+
+
+def sampler_inputs(config, batch: dict, tokenizer=None) -> dict:
+  """host_inputs for a sampler: the conditions only (inpainting also keeps its image)."""
+  inputs = host_inputs(config, batch, tokenizer)
+  if not (is_conditional(config) and config.cond_stage.key == 'masked_image'
+          and config.diffusion.conditioning_key != 'adm'):
+    inputs.pop('image', None)
   return inputs
