@@ -9,6 +9,8 @@
 # OUT receives results/<task>*.json, grids/*.png and logs/; the workdirs go to $WORKDIRS (default
 # OUT/workdirs). Data: $LDM_DATA (utkface64). EVAL_N conditions per evaluation (256), EVAL_BATCH
 # samples per compiled sampler call (64). QUICK=1 shrinks every budget to a few steps (a smoke run).
+# CHAINS picks the chains to run (default "shapes utkface restoration"); the measuring networks are
+# trained only for the chains that need them.
 set -uo pipefail
 OUT=$(realpath -m "$1"); DEADLINE=${2:-100000}
 START=$(date +%s)
@@ -26,6 +28,7 @@ else
   EVAL_STEPS=""
 fi
 EVAL_STEPS="$EVAL_STEPS --config.sample.batch_size=$EVAL_BATCH"
+STEPS="$STEPS ${TRAIN_ARGS:-}"  # TRAIN_ARGS: more --config flags for every stage-2 training run
 
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 # run NAME CMD...: the command with the time left before the deadline minus a reserve for evaluation.
@@ -40,10 +43,14 @@ collect() {  # collect TASK: the eval JSONs and grids of one workdir
 }
 EVAL_RESERVE=${EVAL_RESERVE:-150}
 
+CHAINS=" ${CHAINS:-shapes utkface restoration} "
+
 # Measuring networks, trained by our code: the shapes parser (synthetic set) and a UTKFace race classifier.
-run parser $PY -m latent_diffusion.evaluate.shapes_parser --out="$W/parser.msgpack" --steps=$PARSER_STEPS &
-run classifier $PY -m latent_diffusion.evaluate.classifier --data=utkface64 --out="$W/utk_classifier.msgpack" \
-    --steps=$CLASSIFIER_STEPS &
+[[ $CHAINS == *" shapes "* ]] && \
+  run parser $PY -m latent_diffusion.evaluate.shapes_parser --out="$W/parser.msgpack" --steps=$PARSER_STEPS &
+[[ $CHAINS == *" utkface "* ]] && \
+  run classifier $PY -m latent_diffusion.evaluate.classifier --data=utkface64 --out="$W/utk_classifier.msgpack" \
+      --steps=$CLASSIFIER_STEPS &
 
 # Stage 1 of the synthetic tasks: configs/default.py's autoencoder, shared by three workdirs.
 shapes_chain() {
@@ -89,7 +96,7 @@ restoration_chain() {  # super-resolution and inpainting share the KL-f2 stage 1
   wait
 }
 
-shapes_chain & utkface_chain & restoration_chain &
+for chain in $CHAINS; do ${chain}_chain & done
 wait
 cp "$W"/*/diffusion/metrics.jsonl "$OUT/logs/" 2>/dev/null
 for task in shapes_text shapes_layout shapes_semantic utkface_class utkface_sr utkface_inpaint; do
