@@ -167,6 +167,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.cond_stage.in_channels = 182       # spatial_rescaler: label classes of the map (one-hot width)
   config.cond_stage.out_channels = 3        # spatial_rescaler: channels concatenated to the latents
   config.cond_stage.bias = False
+  # first_stage (inpainting): multiply the masked image's encoding by scale_factor (the paper: unscaled).
+  config.cond_stage.scale_first_stage = False
 
   config.diffusion = ml_collections.ConfigDict()
   config.diffusion.timesteps = 1000

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Trains every small conditional config and measures whether its samples obey their conditions
-# (eval_conditional), with sample-mode grids from command-line conditions. Independent chains run in
-# parallel (one accelerator, or the CPU cores); each training run stops at its config's num_steps or
-# at the DEADLINE (a clean preemption: the last checkpoint is kept and evaluated).
+# (eval_conditional), with sample-mode grids from command-line conditions (written to OUT/inputs).
+# Independent chains run in parallel (one accelerator, or the CPU cores); each training run stops at
+# its config's num_steps or at the DEADLINE (a clean preemption: the last checkpoint is kept and
+# evaluated).
 #
 #   experiments/conditional.sh OUT [DEADLINE_SECONDS]
 #
@@ -27,14 +28,15 @@ else
   STEPS=""; AE_STEPS=""; PARSER_STEPS=${PARSER_STEPS:-3000}; CLASSIFIER_STEPS=${CLASSIFIER_STEPS:-1500}
   EVAL_STEPS=""
 fi
+CLI_STEPS=""; [[ "${QUICK:-0}" == 1 ]] && CLI_STEPS="--config.sample.num_steps=4"
 EVAL_STEPS="$EVAL_STEPS --config.sample.batch_size=$EVAL_BATCH"
 STEPS="$STEPS ${TRAIN_ARGS:-}"  # TRAIN_ARGS: more --config flags for every stage-2 training run
 
 left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
 # run NAME CMD...: the command with the time left before the deadline minus a reserve for evaluation.
-train() { local name=$1 reserve=$2; shift 2; timeout -s TERM $(( $(left) - reserve )) "$@" > "$OUT/logs/$name.log" 2>&1 \
+train() { local name=$1 reserve=$2; shift 2; timeout -k 30 -s TERM $(( $(left) - reserve )) "$@" > "$OUT/logs/$name.log" 2>&1 \
   || echo "$name: exit $?" >> "$OUT/logs/status.txt"; }
-run() { local name=$1; shift; timeout -s TERM $(( $(left) > 5 ? $(left) - 5 : 1 )) "$@" > "$OUT/logs/$name.log" 2>&1 \
+run() { local name=$1; shift; timeout -k 30 -s TERM $(( $(left) > 5 ? $(left) - 5 : 1 )) "$@" > "$OUT/logs/$name.log" 2>&1 \
   || echo "$name: exit $?" >> "$OUT/logs/status.txt"; }
 wait_for() { while [[ ! -e "$1" ]] && (( $(left) > 20 )); do sleep 2; done; }
 collect() {  # collect TASK: the eval JSONs and grids of one workdir
@@ -42,6 +44,38 @@ collect() {  # collect TASK: the eval JSONs and grids of one workdir
   for f in "$W/$1"/diffusion/samples/*.png; do [[ -e "$f" ]] && cp "$f" "$OUT/grids/$1_$(basename "$f")"; done
 }
 EVAL_RESERVE=${EVAL_RESERVE:-150}
+
+# Command-line conditions for sample mode: a layout JSON, and a face at 16, 32 and 64 px with a mask.
+mkdir -p "$OUT/inputs"
+$PY - "$OUT/inputs" "${LDM_DATA:-../shared/data}/utkface64/val" <<'PYTHON' || echo "inputs: exit $?" >> "$OUT/logs/status.txt"
+import json, os, sys
+from PIL import Image, ImageDraw
+out, val = sys.argv[1:]
+boxes = [{'class': 'circle', 'box': [0.1, 0.1, 0.45, 0.45]}, {'class': 'square', 'box': [0.55, 0.5, 0.9, 0.85]}]
+json.dump(boxes, open(os.path.join(out, 'layout.json'), 'w'))
+face = Image.open(os.path.join(val, sorted(os.listdir(val))[3])).convert('RGB').resize((64, 64), Image.BICUBIC)
+face.save(os.path.join(out, 'face64.png'))
+for side in (16, 32):
+  face.resize((side, side), Image.BICUBIC).save(os.path.join(out, f'face{side}.png'))
+mask = Image.new('L', (64, 64), 0)
+draw = ImageDraw.Draw(mask)
+draw.rectangle([18, 22, 46, 38], fill=255)
+draw.line([(5, 58), (30, 45), (60, 55)], fill=255, width=6)
+mask.save(os.path.join(out, 'mask64.png'))
+PYTHON
+# cli TASK FLAGS...: a sample-mode grid of 8 from command-line conditions (the file names say which)
+cli() { local task=$1; shift; run ${task}_cli $MAIN --config=configs/$task.py --workdir="$W/$task" --config.mode=sample \
+    --config.sample.num_samples=8 --config.sample.batch_size=8 $CLI_STEPS "$@"; }
+cli_for() {
+  case $1 in
+    shapes_text) cli "$1" "--config.sample.prompt=a red circle left of a blue square|a green star" ;;
+    shapes_layout) cli "$1" --config.sample.layout="$OUT/inputs/layout.json" ;;
+    utkface_class) cli "$1" --config.sample.class_label=2 ;;
+    utkface_sr) cli "$1" --config.sample.image="$OUT/inputs/face32.png" ;;  # 32 px -> 128 px
+    utkface_inpaint) cli "$1" --config.sample.image="$OUT/inputs/face64.png" --config.sample.mask="$OUT/inputs/mask64.png" ;;
+    *) cli "$1" ;;  # held-out conditions
+  esac
+}
 
 CHAINS=" ${CHAINS:-shapes utkface restoration} "
 
@@ -66,6 +100,7 @@ shapes_chain() {
             --config.eval.parser_path="$W/parser.msgpack" --config.eval.num_images=$EVAL_N \
             --config.sample.guidance_scale=$scale $EVAL_STEPS
       done
+      cli_for $task
       collect $task ) &
   done
   wait
@@ -80,6 +115,7 @@ utkface_chain() {  # class-conditional (utkface64_f4's stage 1)
         --config.mode=eval_conditional --config.eval.classifier_path="$W/utk_classifier.msgpack" \
         --config.eval.num_images=$EVAL_N --config.sample.guidance_scale=$scale $EVAL_STEPS
   done
+  cli_for utkface_class
   collect utkface_class
 }
 
@@ -91,6 +127,7 @@ restoration_chain() {  # super-resolution and inpainting share the KL-f2 stage 1
     ( train $task $EVAL_RESERVE $MAIN --config=configs/$task.py --workdir="$W/$task" --config.mode=train_diffusion $STEPS
       run ${task}_eval $MAIN --config=configs/$task.py --workdir="$W/$task" --config.mode=eval_conditional \
           --config.eval.num_images=$EVAL_N $EVAL_STEPS
+      cli_for $task
       collect $task ) &
   done
   wait

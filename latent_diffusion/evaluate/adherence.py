@@ -178,11 +178,11 @@ def _relations_hold(objects, relations, detected) -> bool:
   return False
 
 
-def text_matches(shape_maps, colour_maps, captions) -> tuple[np.ndarray, np.ndarray]:
+def text_matches(shape_maps, colour_maps, captions, detected=None) -> tuple[np.ndarray, np.ndarray]:
   """Per sample: (objects_match, relations_match), bool (N,) each. objects_match: the multiset of
   detected (colour, shape) equals the caption's; relations_match: that, and every stated relation
-  holds between the matching detected objects."""
-  detected = detect_objects(shape_maps, colour_maps)
+  holds between the matching detected objects. `detected`: detect_objects of the maps, if at hand."""
+  detected = detect_objects(shape_maps, colour_maps) if detected is None else detected
   if len(captions) != len(detected):
     raise ValueError(f'{len(captions)} captions for {len(detected)} images')
   objects_match = np.zeros(len(detected), bool)
@@ -197,9 +197,23 @@ def text_matches(shape_maps, colour_maps, captions) -> tuple[np.ndarray, np.ndar
 
 def text_adherence(shape_maps, colour_maps, captions) -> dict[str, float]:
   """{'objects': fraction of samples whose detected (colour, shape) multiset equals the caption's,
-  'objects_and_relations': fraction that, in addition, satisfy every stated relation}."""
-  objects_match, relations_match = text_matches(shape_maps, colour_maps, captions)
-  return {'objects': float(np.mean(objects_match)), 'objects_and_relations': float(np.mean(relations_match))}
+  'objects_and_relations': fraction that, in addition, satisfy every stated relation,
+  'object_recall' / 'colour_recall': fraction of all prompted objects found with their colour and
+  shape / with their colour (one detected object answers one prompted object)}: the recalls grade
+  samples that the all-or-nothing fractions fail."""
+  detected = detect_objects(shape_maps, colour_maps)
+  objects_match, relations_match = text_matches(shape_maps, colour_maps, captions, detected)
+  prompted_count = object_hits = colour_hits = 0
+  for found, caption in zip(detected, captions):
+    prompted = caption_objects(str(caption)).objects
+    prompted_count += len(prompted)
+    object_hits += sum((collections.Counter(prompted)
+                        & collections.Counter((obj.colour, obj.shape) for obj in found)).values())
+    colour_hits += sum((collections.Counter(colour for colour, _ in prompted)
+                        & collections.Counter(obj.colour for obj in found)).values())
+  return {'objects': float(np.mean(objects_match)), 'objects_and_relations': float(np.mean(relations_match)),
+          'object_recall': object_hits / max(prompted_count, 1),
+          'colour_recall': colour_hits / max(prompted_count, 1)}
 
 
 def box_iou(a, b) -> float:

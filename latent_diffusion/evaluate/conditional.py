@@ -86,11 +86,19 @@ def measure(config, key: str, samples: np.ndarray, batch: dict) -> dict:
             'class_accuracy_per_class': per_class}
   if key in ('caption', 'layout', 'segmentation'):
     shape_maps, colour_maps = _parsed(config, samples)
+    # Each measure also against the next sample's condition: the score of a model that ignores it.
     if key == 'caption':
-      return {'text_adherence': adherence.text_adherence(shape_maps, colour_maps, list(batch['caption']))}
+      captions = [str(c) for c in batch['caption']]
+      return {'text_adherence': adherence.text_adherence(shape_maps, colour_maps, captions),
+              'text_adherence_wrong_captions': adherence.text_adherence(shape_maps, colour_maps,
+                                                                        captions[1:] + captions[:1])}
     if key == 'layout':
-      return {'layout_iou': adherence.layout_adherence(shape_maps, colour_maps, batch['boxes'])}
-    return {'semantic_pixel_accuracy': adherence.semantic_accuracy(shape_maps, batch['segmentation'])}
+      return {'layout_iou': adherence.layout_adherence(shape_maps, colour_maps, batch['boxes']),
+              'layout_iou_wrong_boxes': adherence.layout_adherence(shape_maps, colour_maps,
+                                                                   np.roll(batch['boxes'], -1, axis=0))}
+    return {'semantic_pixel_accuracy': adherence.semantic_accuracy(shape_maps, batch['segmentation']),
+            'semantic_pixel_accuracy_wrong_maps': adherence.semantic_accuracy(
+                shape_maps, np.roll(batch['segmentation'], -1, axis=0))}
   truth = batch['image']
   if key == 'low_res':
     bicubic = bicubic_upsample(batch['low_res'], truth.shape[1:3])

@@ -139,6 +139,7 @@ class Objective:
   cond_drop_prob: float = 0.0
   null_label: int | None = None
   null_tokens: tuple[int, ...] | None = None  # the empty caption / layout (text and layout models)
+  scale_encoded_concat: bool = False  # cond_stage.scale_first_stage (inpainting): see scale_encoded_concat
 
   @classmethod
   def from_config(cls, config, tokenizer=None) -> 'Objective':
@@ -146,7 +147,7 @@ class Objective:
     nulls = conditioning.null_values(config, tokenizer)
     tokens = tuple(int(t) for t in nulls['tokens']) if 'tokens' in nulls else None
     return cls(d.parameterization, d.loss_type, d.l_simple_weight, d.original_elbo_weight, d.learn_logvar,
-               d.logvar_init, d.cond_drop_prob, nulls.get('label'), tokens)
+               d.logvar_init, d.cond_drop_prob, nulls.get('label'), tokens, scales_encoded_concat(config))
 
   @property
   def nulls(self) -> dict:
@@ -184,6 +185,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, objective
   if cond_names is None:
     cond_names = ('label',) if uses_labels else ()
   raw = {name: batch[name] for name in cond_names}
+  if objective.scale_encoded_concat:
+    raw = scale_encoded_concat(raw, state.extras['scale_factor'])
   grad_fn = jax.value_and_grad(
       lambda p: diffusion_loss(model, p, latents, raw, loss_rng, schedule, objective, deterministic),
       has_aux=True)
@@ -268,6 +271,18 @@ def concat_from_pixels(config, autoencoder, ae_params, batch: dict, latent_hw: t
   return jnp.concatenate([encoded, small], axis=-1)
 
 
+def scales_encoded_concat(config) -> bool:
+  return bool(config.cond_stage.get('scale_first_stage', False)) and config.cond_stage.key == 'masked_image'
+
+
+def scale_encoded_concat(raw: dict, scale_factor) -> dict:
+  """The masked image's stage-1 encoding (all concat channels but the mask's) times scale_factor: in
+  the units of the diffused latents. The paper feeds it unscaled, which suits VQ latents (about unit
+  scale); a KL stage 1 trained with a small KL weight has latents of std 5 and outliers near 30."""
+  concat = raw['concat']
+  return dict(raw, concat=jnp.concatenate([concat[..., :-1] * scale_factor, concat[..., -1:]], axis=-1))
+
+
 def device_conditions(config, autoencoder, ae_params, batch: dict, latent_hw) -> dict:
   """The raw conditions of a (device) batch of host inputs (train/conditioning.host_inputs)."""
   raw = {name: batch[name] for name in conditioning.raw_names(config) if name != 'concat'}
@@ -290,6 +305,8 @@ def make_sampler(model: LatentDenoiser, autoencoder, config, schedule, shape=Non
 
   def sample(params, ae_params, scale_factor, rng, inputs, *, num_samples, num_steps):
     raw = device_conditions(config, autoencoder, ae_params, inputs, shape[:2])
+    if scales_encoded_concat(config):
+      raw = scale_encoded_concat(raw, scale_factor)
     latents = sample_latents(model, config, schedule, params, rng, raw, num_samples, num_steps, shape, nulls)
     decoded = autoencoder.apply({'params': ae_params}, latents / scale_factor, method=autoencoder.decode)
     return jnp.clip(decoded, -1.0, 1.0)

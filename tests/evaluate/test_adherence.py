@@ -123,9 +123,11 @@ def test_caption_objects_names_the_word_that_breaks_the_grammar(caption, message
 def test_text_adherence_is_high_for_own_captions_and_low_for_shifted_ones(examples):
   own = adherence.text_adherence(examples['shape_map'], examples['colour_map'], examples['caption'])
   assert own['objects'] >= 0.9 and own['objects_and_relations'] >= 0.9
+  assert own['object_recall'] >= 0.9 and own['colour_recall'] >= own['object_recall']
   other = adherence.text_adherence(examples['shape_map'], examples['colour_map'],
                                    shifted(examples['caption']))
   assert other['objects'] <= 0.2 and other['objects_and_relations'] <= other['objects']
+  assert other['object_recall'] <= 0.3 and other['colour_recall'] <= 0.5
 
 
 def test_text_adherence_checks_relations_beyond_the_objects(examples):
@@ -151,7 +153,13 @@ def test_text_adherence_counts_a_missing_or_extra_object_as_a_failure(examples):
     erased = colour_maps[m] == adherence.caption_objects(examples['caption'][n]).objects[0][0] + 1
     colour_maps[m][erased], shape_maps[m][erased] = 0, 0
   captions = [examples['caption'][n] for n in two]
-  assert adherence.text_adherence(shape_maps, colour_maps, captions)['objects'] == 0.0
+  measures = adherence.text_adherence(shape_maps, colour_maps, captions)
+  assert measures['objects'] == 0.0
+  # The recalls grade it: at least one prompted object of each image is gone, the others are found.
+  prompted = sum(len(adherence.caption_objects(c).objects) for c in captions)
+  assert measures['object_recall'] * prompted <= prompted - len(two)
+  assert measures['colour_recall'] * prompted <= prompted - len(two)
+  assert measures['colour_recall'] >= measures['object_recall'] > 0.3
 
 
 def test_layout_adherence_is_high_for_own_boxes_and_low_for_shifted_ones(examples):

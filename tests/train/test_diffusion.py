@@ -160,6 +160,40 @@ def test_class_conditional_step_learns_the_label_dependence(make_random_params):
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
+def test_scale_first_stage_feeds_the_masked_image_encoding_in_latent_units(make_random_params):
+  config = micro_config()
+  config.diffusion.conditioning_key = 'concat'
+  config.cond_stage.kind, config.cond_stage.key, config.cond_stage.trainable = 'first_stage', 'masked_image', False
+  config.unet.in_channels = 4 + 4 + 1
+  assert not diffusion.Objective.from_config(config).scale_encoded_concat  # the paper: unscaled
+  config.cond_stage.scale_first_stage = True
+  assert diffusion.Objective.from_config(config).scale_encoded_concat
+  concat = jax.random.normal(jax.random.PRNGKey(3), (4, 8, 8, 5)) * 5.0
+  scaled = diffusion.scale_encoded_concat({'concat': concat}, 0.25)['concat']
+  np.testing.assert_allclose(scaled[..., :4], concat[..., :4] * 0.25, rtol=1e-6)
+  np.testing.assert_array_equal(scaled[..., 4], concat[..., 4])  # the mask stays in {-1, 1}
+
+  model = diffusion.build_denoiser(config)
+  tx = diffusion.make_optimizer(config.diffusion_train)
+  abstract = jax.eval_shape(functools.partial(diffusion.create_state, model, config, tx=tx),
+                            jax.random.PRNGKey(0))
+  params = jax.tree.map(jnp.asarray, make_random_params(abstract.params, 0))
+  state = TrainState.create(params, tx, jax.random.PRNGKey(0), ema=True,
+                            extras={'scale_factor': jnp.asarray(0.25, jnp.float32)})
+
+  def loss(objective, concat):
+    step = functools.partial(diffusion.train_step, model=model, tx=tx,
+                             schedule=diffusion.schedule_from_config(config), objective=objective,
+                             base_ema_decay=0.9, deterministic=True, cond_names=('concat',))
+    return float(jax.jit(step)(state, dict(pattern_batch(), concat=concat))[1]['loss'])
+
+  scaling = diffusion.Objective.from_config(config)
+  config.cond_stage.scale_first_stage = False
+  plain = diffusion.Objective.from_config(config)
+  np.testing.assert_allclose(loss(scaling, concat), loss(plain, scaled), rtol=1e-5)
+  assert abs(loss(plain, concat) - loss(plain, scaled)) > 1e-4
+
+
 def test_crossattn_class_model_trains_its_embedder(make_random_params):
   config = micro_config()
   config.data.num_classes = 4
