@@ -112,7 +112,7 @@ def run(config, workdir: str) -> None:
   if config.mode == 'summary':
     summary.summarize(config, workdir)
     return
-  sharding.initialize_distributed(config.distributed)
+  sharding.initialize_distributed(config.distributed, preemption_notices=config.mode.startswith('train'))
   if config.mode == 'sample':
     sample.sample(config, workdir)
     return

@@ -92,13 +92,14 @@ def _free_local_port() -> int:
     return s.getsockname()[1]
 
 
-def initialize_distributed(distributed_config) -> None:
+def initialize_distributed(distributed_config, preemption_notices: bool = True) -> None:
   """jax.distributed.initialize from the config, else from the cluster environment, else as a
   single local process. Must run before any computation.
 
-  Even one process gets a coordination service: it is what turns a SIGTERM into a preemption
-  notice that every process sees at the same step (`reached_preemption_sync_point`).
-  Cross-process collectives on CPU use gloo.
+  Even one process gets a coordination service when it trains (`preemption_notices`): it is what
+  turns a SIGTERM into a preemption notice that every process sees at the same step
+  (`reached_preemption_sync_point`). A lone process that only samples or evaluates gets none, so
+  that SIGTERM ends it as usual. Cross-process collectives on CPU use gloo.
   """
   if jax.distributed.is_initialized():
     return
@@ -110,6 +111,8 @@ def initialize_distributed(distributed_config) -> None:
                                process_id=c.process_id if c.process_id >= 0 else None)
   elif any(name in os.environ for name in CLUSTER_ENVIRONMENT):
     jax.distributed.initialize()
+  elif not preemption_notices:
+    return
   else:
     try:
       jax.distributed.initialize(f'127.0.0.1:{_free_local_port()}', num_processes=1, process_id=0)
