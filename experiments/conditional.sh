@@ -10,8 +10,8 @@
 # OUT receives results/<task>*.json, grids/*.png and logs/; the workdirs go to $WORKDIRS (default
 # OUT/workdirs). Data: $LDM_DATA (utkface64). EVAL_N conditions per evaluation (256), EVAL_BATCH
 # samples per compiled sampler call (64). QUICK=1 shrinks every budget to a few steps (a smoke run).
-# CHAINS picks the chains to run (default "shapes utkface restoration"); the measuring networks are
-# trained only for the chains that need them.
+# CHAINS picks the chains to run (default "shapes utkface restoration"), SHAPES_TASKS the tasks of
+# the shapes chain; the measuring networks are trained only for the chains that need them.
 set -uo pipefail
 OUT=$(realpath -m "$1"); DEADLINE=${2:-100000}
 START=$(date +%s)
@@ -90,7 +90,7 @@ CHAINS=" ${CHAINS:-shapes utkface restoration} "
 shapes_chain() {
   train shapes_ae $(( EVAL_RESERVE + 120 )) $MAIN --config=configs/default.py --workdir="$W/shapes_ae" \
       --config.mode=train_autoencoder $AE_STEPS
-  for task in shapes_text shapes_layout shapes_semantic; do
+  for task in ${SHAPES_TASKS:-shapes_text shapes_layout shapes_semantic}; do
     mkdir -p "$W/$task" && cp -r "$W/shapes_ae/autoencoder" "$W/$task/"
     ( train $task $EVAL_RESERVE $MAIN --config=configs/$task.py --workdir="$W/$task" --config.mode=train_diffusion $STEPS
       wait_for "$W/parser.msgpack"
