@@ -8,7 +8,7 @@ from absl import logging
 from latent_diffusion import sample_inputs
 from latent_diffusion.errors import CheckpointError
 from latent_diffusion.train import autoencoder as stage1
-from latent_diffusion.train import common, diffusion, loop, sharding
+from latent_diffusion.train import common, conditioning, diffusion, loop, sharding
 
 
 def restore_denoiser(config, workdir, mesh):
@@ -49,7 +49,7 @@ def sample(config, workdir):
   s = config.sample
   tokenizer = diffusion.make_tokenizer(config)
   inputs, display = sample_inputs.grid_inputs(config, s.num_samples, tokenizer)
-  key = sample_inputs.condition_key(config)
+  key = conditioning.condition_key(config)
   height, width = sample_inputs.pixel_size(config, key, display)
   shape = diffusion.latent_shape(config, height, width)
   sampler = diffusion.make_sampler(model, autoencoder, config, diffusion.schedule_from_config(config), shape,

@@ -22,14 +22,6 @@ from latent_diffusion.errors import ConfigError, DataError
 from latent_diffusion.train import conditioning
 
 
-def condition_key(config) -> str:
-  """The condition a config's model reads, as cond_stage.key ('' unconditional; adm reads labels)."""
-  key = config.diffusion.conditioning_key
-  if not key:
-    return ''
-  return 'label' if key == 'adm' else config.cond_stage.key
-
-
 def class_names(config) -> tuple[str, ...]:
   if config.data.source == 'synthetic':
     return synthetic.SHAPES
@@ -180,7 +172,7 @@ def pixel_size(config, key: str, display: dict) -> tuple[int, int]:
 
 def grid_inputs(config, count: int, tokenizer=None, from_cli: bool = True) -> tuple[dict, dict]:
   """(sampler inputs, display fields) of `count` samples; see the module docstring."""
-  key = condition_key(config)
+  key = conditioning.condition_key(config)
   if not key:
     return {}, {}
   display = _cli_display(config, key, count) if from_cli else None
@@ -197,7 +189,7 @@ def grid_inputs(config, count: int, tokenizer=None, from_cli: bool = True) -> tu
 
 def composite(config, samples: np.ndarray, display: dict) -> np.ndarray:
   """Inpainting keeps the known pixels: (1 - mask) * image + mask * sample (the paper's inpaint.py)."""
-  if condition_key(config) != 'masked_image':
+  if conditioning.condition_key(config) != 'masked_image':
     return samples
   mask = display['mask'][:len(samples)]
   return (1.0 - mask) * display['image'][:len(samples)] + mask * samples
@@ -205,7 +197,7 @@ def composite(config, samples: np.ndarray, display: dict) -> np.ndarray:
 
 def save_grid(config, path, samples: np.ndarray, display: dict) -> Path:
   """Write the [condition | sample] grid (plain samples for unconditional models) as one PNG."""
-  key = condition_key(config)
+  key = conditioning.condition_key(config)
   panels = None
   if key:
     height, width = condition_images.display_size(*samples.shape[1:3])

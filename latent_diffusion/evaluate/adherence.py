@@ -195,13 +195,13 @@ def text_matches(shape_maps, colour_maps, captions, detected=None) -> tuple[np.n
   return objects_match, relations_match
 
 
-def text_adherence(shape_maps, colour_maps, captions) -> dict[str, float]:
+def text_adherence(shape_maps, colour_maps, captions, detected=None) -> dict[str, float]:
   """{'objects': fraction of samples whose detected (colour, shape) multiset equals the caption's,
   'objects_and_relations': fraction that, in addition, satisfy every stated relation,
   'object_recall' / 'colour_recall': fraction of all prompted objects found with their colour and
   shape / with their colour (one detected object answers one prompted object)}: the recalls grade
-  samples that the all-or-nothing fractions fail."""
-  detected = detect_objects(shape_maps, colour_maps)
+  samples that the all-or-nothing fractions fail. `detected`: detect_objects of the maps, if at hand."""
+  detected = detect_objects(shape_maps, colour_maps) if detected is None else detected
   objects_match, relations_match = text_matches(shape_maps, colour_maps, captions, detected)
   prompted_count = object_hits = colour_hits = 0
   for found, caption in zip(detected, captions):
@@ -225,12 +225,12 @@ def box_iou(a, b) -> float:
   return float(intersection / union) if union > 0 else 0.0
 
 
-def box_ious(shape_maps, colour_maps, boxes) -> np.ndarray:
+def box_ious(shape_maps, colour_maps, boxes, detected=None) -> np.ndarray:
   """float (N, R): for each requested box (row (class, x0, y0, x1, y1) of boxes (N, R, 5) with
   class >= 0) the best IoU with a detected object of that shape class, 0 if there is none; NaN for
-  rows that request nothing."""
+  rows that request nothing. `detected`: detect_objects of the maps, if at hand."""
   boxes = np.asarray(boxes, np.float32)
-  detected = detect_objects(shape_maps, colour_maps)
+  detected = detect_objects(shape_maps, colour_maps) if detected is None else detected
   if boxes.ndim != 3 or boxes.shape[0] != len(detected) or boxes.shape[2] != 5:
     raise ValueError(f'boxes must be ({len(detected)}, R, 5), got {boxes.shape}')
   ious = np.full(boxes.shape[:2], np.nan)
@@ -241,9 +241,9 @@ def box_ious(shape_maps, colour_maps, boxes) -> np.ndarray:
   return ious
 
 
-def layout_adherence(shape_maps, colour_maps, boxes) -> float:
+def layout_adherence(shape_maps, colour_maps, boxes, detected=None) -> float:
   """Mean over the requested boxes of all samples of box_ious (see there)."""
-  ious = box_ious(shape_maps, colour_maps, boxes)
+  ious = box_ious(shape_maps, colour_maps, boxes, detected)
   requested = ~np.isnan(ious)
   if not requested.any():
     raise ValueError('no requested boxes (every row has class < 0)')

@@ -89,13 +89,15 @@ def measure(config, key: str, samples: np.ndarray, batch: dict) -> dict:
     # Each measure also against the next sample's condition: the score of a model that ignores it.
     if key == 'caption':
       captions = [str(c) for c in batch['caption']]
-      return {'text_adherence': adherence.text_adherence(shape_maps, colour_maps, captions),
-              'text_adherence_wrong_captions': adherence.text_adherence(shape_maps, colour_maps,
-                                                                        captions[1:] + captions[:1])}
+      detected = adherence.detect_objects(shape_maps, colour_maps)
+      return {'text_adherence': adherence.text_adherence(shape_maps, colour_maps, captions, detected),
+              'text_adherence_wrong_captions': adherence.text_adherence(
+                  shape_maps, colour_maps, captions[1:] + captions[:1], detected)}
     if key == 'layout':
-      return {'layout_iou': adherence.layout_adherence(shape_maps, colour_maps, batch['boxes']),
-              'layout_iou_wrong_boxes': adherence.layout_adherence(shape_maps, colour_maps,
-                                                                   np.roll(batch['boxes'], -1, axis=0))}
+      detected = adherence.detect_objects(shape_maps, colour_maps)
+      return {'layout_iou': adherence.layout_adherence(shape_maps, colour_maps, batch['boxes'], detected),
+              'layout_iou_wrong_boxes': adherence.layout_adherence(
+                  shape_maps, colour_maps, np.roll(batch['boxes'], -1, axis=0), detected)}
     return {'semantic_pixel_accuracy': adherence.semantic_accuracy(shape_maps, batch['segmentation']),
             'semantic_pixel_accuracy_wrong_maps': adherence.semantic_accuracy(
                 shape_maps, np.roll(batch['segmentation'], -1, axis=0))}
@@ -132,7 +134,7 @@ def _lpips(config, truth, candidates: dict) -> dict:
 def conditions(config, count: int, tokenizer) -> tuple[dict, dict]:
   """(sampler inputs, condition batch) of the evaluation: labels cycling over the classes, or the
   first `count` held-out examples."""
-  key = sample_inputs.condition_key(config)
+  key = conditioning.condition_key(config)
   if key == 'label':
     labels = np.arange(count, dtype=np.int32) % config.data.num_classes
     return {'label': labels}, {'label': labels}
@@ -141,7 +143,7 @@ def conditions(config, count: int, tokenizer) -> tuple[dict, dict]:
 
 
 def evaluate_conditional(config, workdir) -> dict:
-  key = sample_inputs.condition_key(config)
+  key = conditioning.condition_key(config)
   if not key:
     raise ConfigError('eval_conditional: the model is unconditional (diffusion.conditioning_key is empty)')
   count = config.eval.num_images

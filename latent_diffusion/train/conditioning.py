@@ -36,6 +36,14 @@ def is_conditional(config) -> bool:
   return config.diffusion.conditioning_key != ''
 
 
+def condition_key(config) -> str:
+  """The condition a config's model reads, as cond_stage.key ('' unconditional; adm reads labels)."""
+  key = config.diffusion.conditioning_key
+  if not key:
+    return ''
+  return 'label' if key == 'adm' else config.cond_stage.key
+
+
 def uses_labels(config) -> bool:
   key = config.diffusion.conditioning_key
   return key == 'adm' or (key in ('crossattn', 'hybrid') and config.cond_stage.key == 'label')
@@ -206,7 +214,7 @@ def host_inputs(config, batch: dict, tokenizer=None) -> dict:
   inputs = {'image': batch['image']} if 'image' in batch else {}
   if not is_conditional(config):
     return inputs
-  key = 'label' if config.diffusion.conditioning_key == 'adm' else config.cond_stage.key
+  key = condition_key(config)
   for field in BATCH_FIELDS[key]:
     if field not in batch:
       raise ConfigError(f'cond_stage.key={key!r} needs the batch field {field!r}, which data.source='
@@ -229,7 +237,6 @@ def host_inputs(config, batch: dict, tokenizer=None) -> dict:
 def sampler_inputs(config, batch: dict, tokenizer=None) -> dict:
   """host_inputs for a sampler: the conditions only (inpainting also keeps its image)."""
   inputs = host_inputs(config, batch, tokenizer)
-  if not (is_conditional(config) and config.cond_stage.key == 'masked_image'
-          and config.diffusion.conditioning_key != 'adm'):
+  if condition_key(config) != 'masked_image':
     inputs.pop('image', None)
   return inputs

@@ -272,7 +272,7 @@ def concat_from_pixels(config, autoencoder, ae_params, batch: dict, latent_hw: t
 
 
 def scales_encoded_concat(config) -> bool:
-  return bool(config.cond_stage.get('scale_first_stage', False)) and config.cond_stage.key == 'masked_image'
+  return config.cond_stage.scale_first_stage and conditioning.condition_key(config) == 'masked_image'
 
 
 def scale_encoded_concat(raw: dict, scale_factor) -> dict:

@@ -181,17 +181,17 @@ def test_scale_first_stage_feeds_the_masked_image_encoding_in_latent_units(make_
   state = TrainState.create(params, tx, jax.random.PRNGKey(0), ema=True,
                             extras={'scale_factor': jnp.asarray(0.25, jnp.float32)})
 
-  def loss(objective, concat):
-    step = functools.partial(diffusion.train_step, model=model, tx=tx,
-                             schedule=diffusion.schedule_from_config(config), objective=objective,
-                             base_ema_decay=0.9, deterministic=True, cond_names=('concat',))
-    return float(jax.jit(step)(state, dict(pattern_batch(), concat=concat))[1]['loss'])
+  def loss_fn(objective):
+    step = jax.jit(functools.partial(diffusion.train_step, model=model, tx=tx,
+                                     schedule=diffusion.schedule_from_config(config), objective=objective,
+                                     base_ema_decay=0.9, deterministic=True, cond_names=('concat',)))
+    return lambda concat: float(step(state, dict(pattern_batch(), concat=concat))[1]['loss'])
 
-  scaling = diffusion.Objective.from_config(config)
+  scaling = loss_fn(diffusion.Objective.from_config(config))
   config.cond_stage.scale_first_stage = False
-  plain = diffusion.Objective.from_config(config)
-  np.testing.assert_allclose(loss(scaling, concat), loss(plain, scaled), rtol=1e-5)
-  assert abs(loss(plain, concat) - loss(plain, scaled)) > 1e-4
+  plain = loss_fn(diffusion.Objective.from_config(config))
+  np.testing.assert_allclose(scaling(concat), plain(scaled), rtol=1e-5)
+  assert abs(plain(concat) - plain(scaled)) > 1e-4
 
 
 def test_crossattn_class_model_trains_its_embedder(make_random_params):
