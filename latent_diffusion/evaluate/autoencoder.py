@@ -8,7 +8,6 @@ PSNR = 10 log10(1 / MSE), SSIM with an 11x11 Gaussian window, sigma 1.5 (dm_pix,
 
 import math
 
-import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +15,7 @@ from absl import logging
 
 from latent_diffusion.data import pipeline
 from latent_diffusion.errors import ConfigError
+from latent_diffusion.evaluate.metrics import image_metrics
 from latent_diffusion.models.quantize import count_indices
 from latent_diffusion.train import common, loop, sharding
 
@@ -56,15 +56,6 @@ class _First:
     if index >= self.count:
       raise IndexError(index)
     return self.source[index]
-
-
-def image_metrics(images, reconstructions):
-  """Per-image (PSNR, SSIM) of [-1, 1] images (B,H,W,C); reconstructions are clipped first."""
-  x = (images + 1.0) / 2.0
-  y = (jnp.clip(reconstructions, -1.0, 1.0) + 1.0) / 2.0
-  mse = jnp.mean(jnp.square(x - y), axis=(1, 2, 3))
-  psnr = 10.0 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
-  return psnr, dm_pix.ssim(x, y, max_val=1.0)
 
 
 class Evaluator:

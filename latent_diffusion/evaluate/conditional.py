@@ -28,7 +28,7 @@ from latent_diffusion import sample as sample_mode
 from latent_diffusion import sample_inputs
 from latent_diffusion.errors import ConfigError
 from latent_diffusion.evaluate import adherence
-from latent_diffusion.evaluate.autoencoder import image_metrics
+from latent_diffusion.evaluate.metrics import image_metrics
 from latent_diffusion.train import autoencoder as stage1
 from latent_diffusion.train import common, conditioning, diffusion, sharding
 
