@@ -8,7 +8,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.mode = 'train'  # train | train_autoencoder | train_diffusion | sample | eval_autoencoder | eval_conditional | convert | summary
+  config.mode = 'train'  # train | train_autoencoder | train_diffusion | sample | eval_autoencoder | eval_conditional | eval_diffusion | convert | summary
   config.seed = 0                   # all randomness: init, data order, per-step keys
   config.dtype = 'float32'          # activation dtype: float32 | bfloat16 (parameters stay float32)
   config.log_every_steps = 50       # progress lines and TensorBoard scalars
@@ -114,6 +114,19 @@ def get_config() -> ml_collections.ConfigDict:
   # eval_conditional: samples under eval.num_images held-out conditions, measured by networks trained here.
   config.eval.classifier_path = ''  # class-conditional models: python -m latent_diffusion.evaluate.classifier --out=...
   config.eval.parser_path = ''      # text/layout/semantic models on the synthetic set: ...evaluate.shapes_parser --out=...
+  # Sample quality (eval_diffusion; eval_autoencoder adds rFID/rFD when a feature network is set).
+  config.eval.feature_network = ''  # '' (none) | inception (FID, IS) | classifier (FD-<dataset>, IS-<dataset>)
+  config.eval.inception_path = ''   # pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception weights)
+  config.eval.inception_resize = 'pytorch_fid'  # pytorch_fid (bilinear) | clean (clean-fid's PIL bicubic)
+  config.eval.feature_dataset = ''  # classifier: the set it was trained on ('' = read from <classifier_path>.json)
+  config.eval.num_samples = 50000   # eval_diffusion: samples drawn (the paper's 50k), in sample.batch_size batches
+  config.eval.sample_format = 'npz'  # eval_diffusion: npz (uint8 shards) | png (one file per sample)
+  config.eval.reference_split = 'train'  # the real images compared with: train | eval (data.eval_path / ...)
+  config.eval.reference_images = 50000  # at most this many reference images (0 = the whole split)
+  config.eval.reference_stats = ''  # a statistics .npz to use instead (ours, or pytorch-fid's mu/sigma)
+  config.eval.stats_dir = ''        # cache of reference statistics ('' = <workdir>/reference_stats)
+  config.eval.kid_subset_size = 1000
+  config.eval.precision_recall_k = 3
 
   config.convert = ml_collections.ConfigDict()
   config.convert.source = ''        # convert mode: a paper .ckpt or diffusers weights file / folder

@@ -15,8 +15,8 @@ from ml_collections import config_flags
 from latent_diffusion.errors import ConfigError, LatentDiffusionError, Preempted
 from latent_diffusion.models.layers import REMAT_POLICIES
 
-MODES = ('train', 'train_autoencoder', 'train_diffusion', 'sample', 'eval_autoencoder', 'eval_conditional', 'convert',
-         'summary')
+MODES = ('train', 'train_autoencoder', 'train_diffusion', 'sample', 'eval_autoencoder', 'eval_conditional',
+         'eval_diffusion', 'convert', 'summary')
 # Measured on a 2-core CPU: YNNPACK's 3x3 conv weight gradient is ~2-3x slower than XLA's own.
 FAST_CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 
@@ -77,10 +77,14 @@ def check_config(config) -> None:
   if config.sample.height < 0 or config.sample.width < 0:
     raise ConfigError(f'sample.height / sample.width: must be >= 0 (0 = data.image_size), got '
                       f'{config.sample.height} / {config.sample.width}')
-  if config.mode in ('train', 'train_diffusion', 'sample', 'eval_conditional') and latent % levels:
+  if (config.mode in ('train', 'train_diffusion', 'sample', 'eval_conditional', 'eval_diffusion')
+      and latent % levels):
     raise ConfigError(f'data.image_size={config.data.image_size}: the latent side {latent} needs to be '
                       f'divisible by 2**(len(unet.channel_mult)-1)={levels}')
-  if config.mode in ('train', 'train_diffusion', 'sample', 'eval_conditional', 'summary'):
+  if config.mode == 'eval_diffusion' or (config.mode == 'eval_autoencoder' and config.eval.feature_network):
+    from latent_diffusion.evaluate import features  # pylint: disable=g-import-not-at-top
+    features.check_config(config)
+  if config.mode in ('train', 'train_diffusion', 'sample', 'eval_conditional', 'eval_diffusion', 'summary'):
     from latent_diffusion.train import conditioning  # pylint: disable=g-import-not-at-top
     conditioning.check(config, needs_data=config.mode != 'summary')
 
@@ -122,6 +126,10 @@ def run(config, workdir: str) -> None:
   if config.mode == 'eval_conditional':
     from latent_diffusion.evaluate import conditional  # pylint: disable=g-import-not-at-top
     conditional.evaluate_conditional(config, workdir)
+    return
+  if config.mode == 'eval_diffusion':
+    from latent_diffusion.evaluate import diffusion as eval_diffusion  # pylint: disable=g-import-not-at-top
+    eval_diffusion.evaluate_diffusion(config, workdir)
     return
   if config.mode == 'convert':
     (diffusion if config.convert.stage == 'diffusion' else autoencoder).save_converted(config, workdir)

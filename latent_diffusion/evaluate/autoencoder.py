@@ -4,6 +4,8 @@ codebook perplexity and usage. Used for validation during stage-1 training and b
 
 PSNR and SSIM are computed per image on [0, 1] pixels (reconstructions clipped to [-1, 1] first):
 PSNR = 10 log10(1 / MSE), SSIM with an 11x11 Gaussian window, sigma 1.5 (dm_pix, as Wang et al.).
+With eval.feature_network set, eval_autoencoder also gives rFID (or rFD-<dataset>): the Frechet distance
+between the eval images and their reconstructions.
 """
 
 import math
@@ -43,7 +45,7 @@ def eval_data_config(config):
   return data_config
 
 
-class _First:
+class First:
   """The first `count` examples of a random-access source."""
 
   def __init__(self, source, count: int):
@@ -73,7 +75,7 @@ class Evaluator:
     self.data_config = eval_data_config(config)
     source = self.split_source = pipeline.make_source(self.data_config)
     if config.eval.num_images:
-      source = _First(source, config.eval.num_images)
+      source = First(source, config.eval.num_images)
     self.source, self.num_images = source, len(source)
     self.local_batch = common.local_batch_size(config.eval.batch_size, self.mesh)
     self.num_batches = math.ceil(self.num_images / config.eval.batch_size)
@@ -113,6 +115,13 @@ class Evaluator:
       mask[:count] = 1.0
       yield padded, mask
 
+  def reconstruction_pairs(self, params):
+    """(images, reconstructions) of this process's eval images, batch by batch, padding removed."""
+    reconstruct = jax.jit(lambda params, images: jnp.clip(self.model.apply({'params': params}, images)[0], -1, 1))
+    for images, mask in self._local_batches():
+      count = int(mask.sum())
+      yield images[:count], np.asarray(reconstruct(params, images))[:count]
+
   def _image_shape(self):
     size = self.data_config.image_size
     return (size, size, self.config.autoencoder.in_channels)
@@ -138,6 +147,21 @@ class Evaluator:
     return results
 
 
+def reconstruction_distance(evaluator: Evaluator, params, network) -> dict:
+  """{'rFID' or 'rFD-<dataset>': the Frechet distance between the eval images and their reconstructions
+  (the paper's Table 8)} through a feature network (evaluate/features.py)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from latent_diffusion.evaluate import metrics  # pylint: disable=g-import-not-at-top
+  real, fake = [], []
+  for images, reconstructions in evaluator.reconstruction_pairs(params):
+    real.append(network.extract(images)[0])
+    fake.append(network.extract(reconstructions)[0])
+  real, fake = (np.asarray(multihost_utils.process_allgather(np.concatenate(f), tiled=True)) for f in (real, fake))
+  distance = metrics.frechet_distance(*metrics.feature_statistics(real, 'eval images'),
+                                      *metrics.feature_statistics(fake, 'reconstructions'))
+  return {f'r{network.distance_name}': distance, 'feature_network': network.name}
+
+
 def describe(results: dict) -> str:
   return '  '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in sorted(results.items()))
 
@@ -155,6 +179,9 @@ def evaluate_autoencoder(config, workdir) -> dict:
     logging.info('eval_autoencoder: LPIPS skipped (autoencoder_loss.lpips_vgg_path is not set)')
   evaluator = Evaluator(config, model, perceptual, mesh)
   results = evaluator(params)
+  if config.eval.feature_network:
+    from latent_diffusion.evaluate import features  # pylint: disable=g-import-not-at-top
+    results.update(reconstruction_distance(evaluator, params, features.make_feature_network(config)))
   results['step'] = common.latest_step(workdir, stage1.STAGE)
   results['split'] = pipeline.describe(evaluator.data_config, evaluator.split_source)
   path = common.stage_dir(workdir, stage1.STAGE) / 'eval.json'

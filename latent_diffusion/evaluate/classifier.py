@@ -18,6 +18,7 @@ Variables are {'params', 'batch_stats'}; predict and features use the running ba
   python -m latent_diffusion.evaluate.classifier --data=cifar10 --out=/tmp/cifar10.msgpack
 """
 
+import json
 import time
 from pathlib import Path
 
@@ -201,37 +202,41 @@ def _apply(variables, images):
   return Classifier(num_classes_of(variables)).apply(variables, images, train=False)
 
 
-def _batched(variables, images, index):
-  """Output `index` of the network over images in chunks of _EVAL_BATCH, the last one padded."""
+def outputs(variables, images) -> tuple[np.ndarray, np.ndarray]:
+  """(logits (N, num_classes), features (N, 128)) of images (N, H, W, 3) in [-1, 1], in chunks of
+  _EVAL_BATCH (the last one padded when there are several: one compiled size)."""
   images = np.asarray(images, np.float32)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'images must be (N, H, W, 3), got shape {images.shape}')
-  outputs = []
+  logits, feats = [np.zeros((0, num_classes_of(variables)), np.float32)], [np.zeros((0, WIDTHS[-1]), np.float32)]
   for begin in range(0, len(images), _EVAL_BATCH):
     part = images[begin:begin + _EVAL_BATCH]
     count = len(part)
-    if count < _EVAL_BATCH and len(images) > _EVAL_BATCH:  # one compiled size for long inputs
+    if count < _EVAL_BATCH and len(images) > _EVAL_BATCH:
       part = np.concatenate([part, np.zeros((_EVAL_BATCH - count,) + part.shape[1:], np.float32)])
-    outputs.append(np.asarray(jax.device_get(_apply(variables, part)[index]))[:count])
-  if not outputs:
-    width = num_classes_of(variables) if index == 0 else WIDTHS[-1]
-    return np.zeros((0, width), np.float32)
-  return np.concatenate(outputs)
+    part_logits, part_features = jax.device_get(_apply(variables, part))
+    logits.append(np.asarray(part_logits, np.float32)[:count])
+    feats.append(np.asarray(part_features, np.float32)[:count])
+  return np.concatenate(logits), np.concatenate(feats)
 
 
 def predict(variables, images) -> np.ndarray:
   """int32 (N,) predicted class of images (N, H, W, 3) in [-1, 1]."""
-  return np.argmax(_batched(variables, images, 0), axis=-1).astype(np.int32)
+  return np.argmax(outputs(variables, images)[0], axis=-1).astype(np.int32)
 
 
 def features(variables, images) -> np.ndarray:
   """float32 (N, 128): the pooled penultimate features of images (N, H, W, 3) in [-1, 1]."""
-  return _batched(variables, images, 1).astype(np.float32)
+  return outputs(variables, images)[1]
 
 
-def save_classifier(path, variables):
-  """Writes the classifier's variables to `path` (msgpack); returns the path."""
-  return params_file.save(path, variables)
+def save_classifier(path, variables, info: dict | None = None):
+  """Writes the classifier's variables to `path` (msgpack) and `info` (e.g. {'data': 'cifar10', ...}:
+  what it was trained on, read back by evaluate/features.py to name FD-<data>) to `<path>.json`."""
+  path = params_file.save(path, variables)
+  if info is not None:
+    Path(str(path) + '.json').write_text(json.dumps(info, indent=2) + '\n')
+  return path
 
 
 def load_classifier(path):
@@ -275,7 +280,7 @@ def _main(flag_values):
   variables, metrics = train_classifier(data_config, eval_path, flag_values.steps, flag_values.batch_size,
                                         flag_values.seed, learning_rate=flag_values.learning_rate,
                                         log_every=flag_values.log_every)
-  path = save_classifier(flag_values.out, variables)
+  path = save_classifier(flag_values.out, variables, {'data': flag_values.data, **metrics})
   print(f'wrote {path}')
   print(f'{flag_values.data}: held-out accuracy {metrics["accuracy"]:.4f} on {metrics["num_eval_images"]} '
         f'images of {eval_path}; train accuracy {metrics["train_accuracy"]:.4f}; {metrics["steps"]} steps '

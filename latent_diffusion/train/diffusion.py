@@ -241,14 +241,17 @@ def guided_model_fn(model: LatentDenoiser, params, raw: dict, guidance_scale: fl
 
 
 def sample_latents(model: LatentDenoiser, config, schedule, params, rng, raw, num_samples: int,
-                   num_steps: int, shape: tuple[int, int, int] | None = None, nulls=None) -> jax.Array:
+                   num_steps: int, shape: tuple[int, int, int] | None = None, nulls=None,
+                   batch_sharding=None) -> jax.Array:
   """Latents (num_samples, h, w, c) drawn with config.sample's sampler and guidance; `shape` (h, w, c)
-  defaults to the training latents."""
+  defaults to the training latents; `batch_sharding` splits the samples over devices."""
   if nulls is None:
     nulls = conditioning.null_values(config)
   model_fn = guided_model_fn(model, params, raw, config.sample.guidance_scale, nulls)
   noise_rng, sampler_rng = jax.random.split(rng)
   x_T = jax.random.normal(noise_rng, (num_samples,) + (shape or latent_shape(config)))
+  if batch_sharding is not None:
+    x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
   return run_sampler(config.sample, model_fn, x_T, sampler_rng, schedule, num_steps,
                      config.diffusion.parameterization, config.diffusion.clip_denoised)
 
@@ -292,26 +295,29 @@ def device_conditions(config, autoencoder, ae_params, batch: dict, latent_hw) ->
   return raw
 
 
-def make_sampler(model: LatentDenoiser, autoencoder, config, schedule, shape=None, tokenizer=None):
+def make_sampler(model: LatentDenoiser, autoencoder, config, schedule, shape=None, tokenizer=None, mesh=None):
   """A jitted fn(params, ae_params, scale_factor, rng, inputs, *, num_samples, num_steps) -> images
   (num_samples, H, W, 3) in [-1, 1]; inputs are host inputs of the conditions (train/conditioning.py:
   e.g. {'label': (N,)}, {'tokens': (N, L)}, {'image', 'mask'} for inpainting) or {}. `shape`: the latent
-  (h, w, c), default the training size; convolutional models sample larger ones.
+  (h, w, c), default the training size; convolutional models sample larger ones. With a `mesh`, the
+  samples are split over its devices (num_samples must divide by their number) and so are the images.
 
   It compiles once per (num_samples, num_steps): both are static, the loop is one scan.
   """
   shape = shape or latent_shape(config)
   nulls = conditioning.null_values(config, tokenizer)
+  batch_sharding = None if mesh is None else sharding.batch_sharding(mesh)
 
   def sample(params, ae_params, scale_factor, rng, inputs, *, num_samples, num_steps):
     raw = device_conditions(config, autoencoder, ae_params, inputs, shape[:2])
     if scales_encoded_concat(config):
       raw = scale_encoded_concat(raw, scale_factor)
-    latents = sample_latents(model, config, schedule, params, rng, raw, num_samples, num_steps, shape, nulls)
+    latents = sample_latents(model, config, schedule, params, rng, raw, num_samples, num_steps, shape, nulls,
+                             batch_sharding)
     decoded = autoencoder.apply({'params': ae_params}, latents / scale_factor, method=autoencoder.decode)
     return jnp.clip(decoded, -1.0, 1.0)
 
-  return jax.jit(sample, static_argnames=('num_samples', 'num_steps'))
+  return jax.jit(sample, static_argnames=('num_samples', 'num_steps'), out_shardings=batch_sharding)
 
 
 def sample_conditions(config, num_samples: int) -> dict:
