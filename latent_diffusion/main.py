@@ -14,6 +14,7 @@ from ml_collections import config_flags
 
 from latent_diffusion.errors import ConfigError, LatentDiffusionError, Preempted
 from latent_diffusion.models.layers import REMAT_POLICIES
+from latent_diffusion.models import autoencoder as autoencoder_model
 
 MODES = ('train', 'train_autoencoder', 'train_diffusion', 'sample', 'eval_autoencoder', 'eval_conditional',
          'eval_diffusion', 'convert', 'summary')
@@ -29,7 +30,7 @@ def check_config(config) -> None:
   """Values that would otherwise fail deep inside jax: fail here with the field's name."""
   if config.mode not in MODES:
     raise ConfigError(f'mode: unknown mode {config.mode!r}; expected one of {", ".join(MODES)}')
-  for name, allowed in (('autoencoder.kind', ('kl', 'vq')), ('autoencoder.attn_type', ('vanilla', 'none')),
+  for name, allowed in (('autoencoder.kind', ('kl', 'vq', 'identity')), ('autoencoder.attn_type', ('vanilla', 'none')),
                         ('autoencoder_loss.pixel_loss', ('l1', 'l2')),
                         ('autoencoder_loss.disc_loss', ('hinge', 'vanilla')),
                         ('diffusion.parameterization', ('eps', 'x0', 'v')), ('diffusion.loss_type', ('l1', 'l2')),
@@ -69,7 +70,7 @@ def check_config(config) -> None:
     groups = config.autoencoder.norm_num_groups if section == 'autoencoder' else 32
     if any(w % groups for w in widths):
       raise ConfigError(f'{section}: every width ({widths}) must be a multiple of {groups} for GroupNorm')
-  f = 2 ** (len(config.autoencoder.ch_mult) - 1)
+  f = autoencoder_model.factor_of(config.autoencoder)
   latent = config.data.image_size // f
   levels = 2 ** (len(config.unet.channel_mult) - 1)
   if config.data.image_size % f:

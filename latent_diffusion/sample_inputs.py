@@ -19,6 +19,7 @@ from latent_diffusion import condition_images
 from latent_diffusion import images as image_io
 from latent_diffusion.data import pipeline, synthetic
 from latent_diffusion.errors import ConfigError, DataError
+from latent_diffusion.models import autoencoder as autoencoder_model
 from latent_diffusion.train import conditioning
 
 
@@ -151,7 +152,7 @@ def pixel_size(config, key: str, display: dict) -> tuple[int, int]:
   """(height, width) of the samples: sample.height/width, else the size the condition implies (a
   segmentation map or an inpainting image sets it, a low-resolution image times the factor f), else
   data.image_size."""
-  f = 2 ** (len(config.autoencoder.ch_mult) - 1)
+  f = autoencoder_model.factor_of(config.autoencoder)
   if key == 'segmentation':
     implied = display['segmentation'].shape[1:3]
   elif key == 'masked_image':

@@ -171,10 +171,45 @@ class AutoencoderKL(nn.Module):
     return 2 ** (len(self.ch_mult) - 1)
 
 
+def factor_of(autoencoder_config) -> int:
+  """The downsampling factor f of the first stage a config's `autoencoder` section builds."""
+  if autoencoder_config.kind == 'identity':
+    return 1
+  return 2 ** (len(autoencoder_config.ch_mult) - 1)
+
+
+def latent_channels_of(autoencoder_config) -> int:
+  """Channels of what stage 2 diffuses: embed_dim, or the image channels without a first stage."""
+  return autoencoder_config.in_channels if autoencoder_config.kind == 'identity' else autoencoder_config.embed_dim
+
+
+class IdentityFirstStage(nn.Module):
+  """No first stage: stage 2 diffuses the pixels (the paper's LDM-1, its IdentityFirstStage). No
+  parameters, nothing to train; encode_moments and decode return their input."""
+  in_channels: int = 3
+
+  def encode_moments(self, x, deterministic: bool = True) -> jax.Array:
+    del deterministic
+    return x.astype(jnp.float32)
+
+  def decode(self, z, deterministic: bool = True) -> jax.Array:
+    del deterministic
+    return z.astype(jnp.float32)
+
+  def __call__(self, x, rng=None, deterministic: bool = True):
+    """Returns (reconstruction, None): the input."""
+    del rng, deterministic
+    return x.astype(jnp.float32), None
+
+  @property
+  def downsampling_factor(self) -> int:
+    return 1
+
+
 def latents_from_moments(kind: str, moments, rng=None):
   """What stage 2 diffuses, from `encode_moments`: kl a posterior sample (its mode without rng),
-  vq the pre-quantisation latents themselves. (B,h,w,embed_dim)"""
-  if kind == 'vq':
+  vq the pre-quantisation latents themselves, identity the pixels. (B,h,w,embed_dim)"""
+  if kind in ('vq', 'identity'):
     return moments
   posterior = DiagonalGaussian(moments)
   return posterior.sample(rng) if rng is not None else posterior.mode()

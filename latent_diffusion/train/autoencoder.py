@@ -17,14 +17,14 @@ from absl import logging
 
 from latent_diffusion import images as image_io
 from latent_diffusion.errors import CheckpointError, ConfigError
-from latent_diffusion.models.autoencoder import AutoencoderKL, VQModel
+from latent_diffusion.models.autoencoder import AutoencoderKL, IdentityFirstStage, VQModel
 from latent_diffusion.models.discriminator import NLayerDiscriminator
 from latent_diffusion.models.quantize import codebook_usage, count_indices
 from latent_diffusion.train import autoencoder_loss, common, loop, sharding
 from latent_diffusion.train.state import TrainState
 
 STAGE = 'autoencoder'
-KINDS = ('kl', 'vq')
+KINDS = ('kl', 'vq', 'identity')  # identity: no first stage, pixel-space diffusion (LDM-1)
 
 
 def build_autoencoder(config) -> AutoencoderKL | VQModel:
@@ -37,6 +37,8 @@ def build_autoencoder(config) -> AutoencoderKL | VQModel:
       in_channels=c.in_channels, out_ch=c.out_ch, z_channels=c.z_channels, double_z=c.double_z,
       embed_dim=c.embed_dim, dropout=c.dropout, norm_num_groups=c.norm_num_groups,
       remat=config.remat, attn_type=c.attn_type, dtype=common.activation_dtype(config))
+  if c.kind == 'identity':
+    return IdentityFirstStage(in_channels=c.in_channels)
   if c.kind == 'kl':
     return AutoencoderKL(**common_fields)
   unknown_index = int(c.unknown_index) if str(c.unknown_index).lstrip('-').isdigit() else c.unknown_index
@@ -181,6 +183,8 @@ def load_params(config, workdir, mesh=None):
   """The latest stage-1 autoencoder parameters in <workdir>/autoencoder, for stage 2 and sampling."""
   mesh = mesh or sharding.make_mesh(config.mesh)
   model = build_autoencoder(config)
+  if config.autoencoder.kind == 'identity':
+    return model, {}
   checkpoints = common.stage_checkpoints(workdir, STAGE)
   if checkpoints.latest_step() is None:
     raise CheckpointError(f'no autoencoder checkpoint in {checkpoints.directory}; '
@@ -224,12 +228,17 @@ def save_converted(config, workdir) -> int:
 
 
 def is_complete(config, workdir) -> bool:
+  if config.autoencoder.kind == 'identity':
+    return True  # nothing to train
   return common.is_stage_complete(workdir, STAGE, config.autoencoder_train.num_steps)
 
 
 def train(config, workdir) -> TrainState:
   """Train stage 1, resuming from the latest checkpoint in <workdir>/autoencoder."""
   from latent_diffusion import evaluate  # pylint: disable=g-import-not-at-top
+  if config.autoencoder.kind == 'identity':
+    raise ConfigError("autoencoder.kind='identity' has no first stage to train (train_diffusion diffuses "
+                      'the pixels)')
   directory = common.stage_dir(workdir, STAGE)
   loop.write_config(directory, config)
   train_config = config.autoencoder_train

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latent_diffusion.errors import ConfigError
+from latent_diffusion.models import autoencoder as autoencoder_model
 
 COND_KEYS = ('label', 'caption', 'layout', 'segmentation', 'low_res', 'masked_image')
 COND_STAGES = ('', 'class', 'transformer', 'spatial_rescaler', 'first_stage', 'identity')
@@ -130,7 +131,7 @@ def check(config, needs_data: bool = True) -> None:
 
 def _check_concat(config, needs_data: bool) -> None:
   key, cond = config.diffusion.conditioning_key, config.cond_stage
-  latent_channels = config.autoencoder.embed_dim
+  latent_channels = autoencoder_model.latent_channels_of(config.autoencoder)
   extra = config.unet.in_channels - latent_channels
   if extra <= 0:
     raise ConfigError(f'diffusion.conditioning_key={key!r} needs unet.in_channels > the latent channels '
@@ -154,7 +155,7 @@ def _check_concat(config, needs_data: bool) -> None:
   if cond.key == 'masked_image' and needs_data and not config.data.inpainting_masks:
     raise ConfigError("cond_stage.key='masked_image' needs data.inpainting_masks=True")
   if cond.key == 'segmentation':
-    f = 2 ** (len(config.autoencoder.ch_mult) - 1)
+    f = autoencoder_model.factor_of(config.autoencoder)
     if round(1 / cond.multiplier ** cond.n_stages) != f:
       raise ConfigError(f'cond_stage: n_stages={cond.n_stages} x multiplier={cond.multiplier} must shrink '
                         f'the map by the autoencoder factor f={f} to reach the latent size')

@@ -21,6 +21,7 @@ from latent_diffusion.data import latents, pipeline, tokenizers
 from latent_diffusion.diffusion import guidance, process, samplers, schedules
 from latent_diffusion.errors import CheckpointError, ConfigError
 from latent_diffusion.models.autoencoder import latents_from_moments
+from latent_diffusion.models import autoencoder as autoencoder_model
 from latent_diffusion.models.conditioners import ClassEmbedder, SpatialRescaler, TransformerEmbedder
 from latent_diffusion.models.denoiser import LatentDenoiser
 from latent_diffusion.models.unet import UNetModel
@@ -35,13 +36,13 @@ SAMPLERS = ('ddim', 'ddpm', 'plms', 'dpm_solver')
 
 def latent_shape(config, height: int = 0, width: int = 0) -> tuple[int, int, int]:
   """(h, w, c) of the stage-1 latents for the configured image size (or height x width pixels)."""
-  f = 2 ** (len(config.autoencoder.ch_mult) - 1)
+  f = autoencoder_model.factor_of(config.autoencoder)
   names = ('sample.height' if height else 'data.image_size', 'sample.width' if width else 'data.image_size')
   height, width = height or config.data.image_size, width or config.data.image_size
   for name, size in zip(names, (height, width)):
     if size % f:
       raise ConfigError(f'{name}={size} is not divisible by the autoencoder factor f={f}')
-  return height // f, width // f, config.autoencoder.embed_dim
+  return height // f, width // f, autoencoder_model.latent_channels_of(config.autoencoder)
 
 
 def sample_shape(config) -> tuple[int, int, int]:
@@ -51,7 +52,7 @@ def sample_shape(config) -> tuple[int, int, int]:
 
 def build_unet(config) -> UNetModel:
   c = config.unet
-  channels = config.autoencoder.embed_dim
+  channels = autoencoder_model.latent_channels_of(config.autoencoder)
   return UNetModel(in_channels=c.in_channels or channels, out_channels=channels,
                    model_channels=c.model_channels, num_res_blocks=c.num_res_blocks,
                    attention_resolutions=tuple(c.attention_resolutions), channel_mult=tuple(c.channel_mult),
@@ -94,7 +95,7 @@ def build_denoiser(config) -> LatentDenoiser:
 def example_conditions(config, batch_size: int, latent: tuple[int, int, int] | None = None) -> dict:
   """Zero raw conditions of the right shapes, for init and shape inference."""
   h, w, c = latent or latent_shape(config)
-  f = 2 ** (len(config.autoencoder.ch_mult) - 1)
+  f = autoencoder_model.factor_of(config.autoencoder)
   shapes = {'label': ((batch_size,), jnp.int32),
             'tokens': ((batch_size, config.cond_stage.max_seq_len), jnp.int32),
             'segmentation': ((batch_size, h * f, w * f), jnp.int32),

@@ -246,3 +246,23 @@ def test_actnorm_discriminator_initialises_from_real_images_and_keeps_no_running
   logits, disc_state = stage1._disc_apply(discriminator)(  # pylint: disable=protected-access
       state.params['discriminator'], state.extras['discriminator_state'], real)
   assert logits.shape == (4, 2, 2, 1) and disc_state == {}
+
+
+def test_identity_first_stage_diffuses_pixels_and_has_nothing_to_train_or_load(tmp_path):
+  from latent_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from latent_diffusion.train import diffusion  # pylint: disable=g-import-not-at-top
+  from tests import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config.get_config()
+  with config.unlocked():
+    config.autoencoder.kind = 'identity'
+  model, params = stage1.load_params(config, tmp_path)  # no checkpoint needed
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+  assert params == {} and model.downsampling_factor == 1
+  np.testing.assert_array_equal(model.apply({'params': params}, images, method=model.encode_moments), images)
+  np.testing.assert_array_equal(model.apply({'params': params}, images, method=model.decode), images)
+  assert diffusion.latent_shape(config) == (16, 16, 3)  # the pixels, whatever ch_mult and embed_dim say
+  unet = diffusion.build_unet(config)
+  assert (unet.in_channels, unet.out_channels) == (3, 3)
+  assert stage1.is_complete(config, tmp_path)
+  with pytest.raises(ConfigError, match="kind='identity' has no first stage to train"):
+    stage1.train(config, tmp_path)
