@@ -36,7 +36,7 @@ class SampleStore:
     self.directory, self.format, self.batch_size, self.count = directory, sample_format, batch_size, count
     self.num_batches = -(-count // batch_size)
 
-  def _indices(self, index: int) -> range:
+  def indices(self, index: int) -> range:
     return range(index * self.batch_size, min((index + 1) * self.batch_size, self.count))
 
   def _shard(self, index: int) -> Path:
@@ -48,18 +48,18 @@ class SampleStore:
   def is_written(self, index: int) -> bool:
     if self.format == 'npz':
       return self._shard(index).is_file()
-    return all(self._png(i).is_file() for i in self._indices(index))
+    return all(self._png(i).is_file() for i in self.indices(index))
 
   def write(self, index: int, images: np.ndarray) -> None:
     """images uint8 (B, H, W, 3); only the first count - index * batch_size are kept."""
     self.directory.mkdir(parents=True, exist_ok=True)
-    images = images[:len(self._indices(index))]
+    images = images[:len(self.indices(index))]
     if self.format == 'npz':
       partial = self.directory / f'batch_{index:06d}.partial.npz'
       np.savez(partial, images=images)
       partial.replace(self._shard(index))
       return
-    for sample, image in zip(self._indices(index), images):
+    for sample, image in zip(self.indices(index), images):
       partial = self.directory / f'{sample:06d}.partial.png'
       Image.fromarray(image).save(partial)
       partial.replace(self._png(sample))
@@ -68,7 +68,7 @@ class SampleStore:
     if self.format == 'npz':
       with np.load(self._shard(index)) as data:
         return data['images']
-    return np.stack([np.asarray(Image.open(self._png(i)).convert('RGB')) for i in self._indices(index)])
+    return np.stack([np.asarray(Image.open(self._png(i)).convert('RGB')) for i in self.indices(index)])
 
   def batches(self):
     """The stored samples in order, as float32 batches in [-1, 1]."""
@@ -86,13 +86,15 @@ def sample_inputs(config, count: int, tokenizer) -> dict:
 
 def draw_to_store(config, store: SampleStore, sampler, params, ae_params, scale_factor, inputs: dict,
                   mesh, progress: bool = True) -> dict:
-  """Draws every batch not yet in `store`; {'drawn', 'skipped', 'seconds', 'images_per_second'}."""
+  """Draws every batch not yet in `store`; {'drawn', 'skipped', 'seconds', 'first_batch_seconds' (with
+  the sampler's compilation), 'images_per_second' (after the first batch; None with one batch)}."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   batch_size, rng = store.batch_size, jax.random.PRNGKey(config.sample.seed)
   pending = [index for index in range(store.num_batches) if not store.is_written(index)]
-  drawn, start = 0, time.time()
-  bar = tqdm(total=store.count, initial=store.count - sum(len(store._indices(i)) for i in pending),  # pylint: disable=protected-access
-             unit='img', disable=not progress or jax.process_index() != 0, desc='eval_diffusion')
+  already = store.count - sum(len(store.indices(index)) for index in pending)
+  bar = tqdm(total=store.count, initial=already, unit='img', desc='eval_diffusion',
+             disable=not progress or jax.process_index() != 0)
+  drawn, start, first_batch_seconds, after_first = 0, time.time(), None, 0
   for index in pending:
     begin = index * batch_size
     batch_inputs = {name: np.resize(np.asarray(value[begin:begin + batch_size]), (batch_size,) + np.shape(value)[1:])
@@ -103,14 +105,21 @@ def draw_to_store(config, store: SampleStore, sampler, params, ae_params, scale_
     images = multihost_utils.process_allgather(images, tiled=True)
     if jax.process_index() == 0:
       store.write(index, image_io.to_uint8(np.asarray(images)))
-    written = len(store._indices(index))  # pylint: disable=protected-access
+    written = len(store.indices(index))
     drawn += written
+    if first_batch_seconds is None:  # includes compiling the sampler
+      first_batch_seconds, steady_start = time.time() - start, time.time()
+    else:
+      after_first += written
     bar.update(written)
-    bar.set_postfix(images_per_second=f'{drawn / (time.time() - start):.2f}')
+    if after_first:
+      bar.set_postfix(images_per_second=f'{after_first / (time.time() - steady_start):.2f}')
   bar.close()
   seconds = time.time() - start
+  steady = after_first / (time.time() - steady_start) if after_first else None
   return {'drawn': drawn, 'skipped': store.count - drawn, 'seconds': round(seconds, 1),
-          'images_per_second': round(drawn / seconds, 3) if drawn else None}
+          'first_batch_seconds': None if first_batch_seconds is None else round(first_batch_seconds, 1),
+          'images_per_second': None if steady is None else round(steady, 3)}
 
 
 def evaluate_diffusion(config, workdir) -> dict:

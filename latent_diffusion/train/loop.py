@@ -200,7 +200,7 @@ class Progress:
     self.writer.write_scalars(step, {**means, 'steps_per_second': steps_per_second})
     if self.metrics_path is not None:
       with open(self.metrics_path, 'a') as f:
-        f.write(json.dumps({'step': step, **means}) + '\n')
+        f.write(json.dumps({'step': step, **means, 'steps_per_second': round(steps_per_second, 4)}) + '\n')
     logging.info('%s step %d/%d  %s  %.2f steps/s  ETA %s', self.name, step, self.total_steps,
                  '  '.join(f'{k} {v:.4g}' for k, v in sorted(means.items())), steps_per_second,
                  time.strftime('%H:%M:%S', time.gmtime(eta)))

@@ -171,3 +171,23 @@ def test_sample_store_keeps_only_the_requested_count_and_reads_back_what_it_wrot
   np.testing.assert_array_equal(np.concatenate(list(store.batches())),
                                 np.concatenate([images[0], images[1, :2]]).astype(np.float32) / 127.5 - 1)
   assert not list(tmp_path.glob('*partial*'))
+
+
+def test_sampler_comparison_measures_each_sampler_and_step_count_and_plots_them(evaluated, tmp_path):
+  from experiments import samplers  # pylint: disable=g-import-not-at-top
+  workdir, path, _ = evaluated
+  config = _config('eval_diffusion', path)
+  with config.unlocked():
+    config.eval.num_samples = 8  # two batches: the second one timed
+    config.sample.seed = 1  # samples the other tests did not write: nothing is skipped, every pair is timed
+  results = samplers.compare(config, str(workdir), ['ddim', 'plms', 'dpm_solver'], [2, 4], tmp_path)
+  assert [(run['sampler'], run['num_steps']) for run in results['runs']] == [
+      ('ddim', 2), ('ddim', 4), ('plms', 2), ('plms', 4), ('dpm_solver', 2), ('dpm_solver', 4)]
+  assert len({run['samples'] for run in results['runs']}) == 6  # six sample sets, each measured
+  for run in results['runs']:  # (a 2-step model barely depends on x: DDIM and PLMS images may coincide)
+    tag = {'ddim': f'ddim{run["num_steps"]}_eta0'}.get(run['sampler'], f'{run["sampler"]}{run["num_steps"]}')
+    written = json.loads((workdir / 'diffusion' / f'eval_{tag}_n8_step2.json').read_text())
+    assert np.isfinite(run['FD-shapes16']) and run['FD-shapes16'] == written['FD-shapes16']
+  assert all(run['samples_per_second'] > 0 for run in results['runs'])
+  assert json.loads((tmp_path / 'results.json').read_text()) == results
+  assert (tmp_path / 'fd_vs_steps.png').stat().st_size > 1000
