@@ -119,6 +119,7 @@ def sweep_config(f: int, budget: Budget, data_root: str, classifier_path: str, s
   s.sampler, s.num_steps, s.eta, s.batch_size, s.num_samples = 'ddim', budget.sampler_steps, 0.0, budget.sample_batch, 16
   e = config.eval
   e.feature_network, e.classifier_path, e.stats_dir = 'classifier', classifier_path, stats_dir
+  e.feature_dataset = 'utkface64'  # the classifier's training set: distances are FD-utkface64
   e.num_samples, e.reference_images, e.reference_split = budget.eval_samples, budget.reference_images, 'train'
   e.num_images, e.batch_size = budget.reconstruction_images, 50
   e.kid_subset_size = min(1000, budget.eval_samples)
