@@ -318,7 +318,8 @@ def make_sampler(model: LatentDenoiser, autoencoder, config, schedule, shape=Non
     decoded = autoencoder.apply({'params': ae_params}, latents / scale_factor, method=autoencoder.decode)
     return jnp.clip(decoded, -1.0, 1.0)
 
-  return jax.jit(sample, static_argnames=('num_samples', 'num_steps'), out_shardings=batch_sharding)
+  placement = {} if batch_sharding is None else {'out_shardings': batch_sharding}
+  return jax.jit(sample, static_argnames=('num_samples', 'num_steps'), **placement)
 
 
 def sample_conditions(config, num_samples: int) -> dict:

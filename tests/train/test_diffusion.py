@@ -307,3 +307,41 @@ def test_training_from_precomputed_latents_encodes_the_dataset_once(tmp_path):
   config.diffusion_train.num_steps = 3
   assert int(diffusion.train(config, tmp_path).step) == 3
   assert cache.stat().st_mtime_ns == written
+
+
+def test_sampler_with_a_mesh_splits_the_samples_over_eight_devices_and_draws_the_same_images():
+  """eval_diffusion's sampler (make_sampler with a mesh), in a fresh process with 8 CPU devices: each
+  device holds one slice of the batch, and the images equal the unsharded sampler's."""
+  import os, subprocess, sys, textwrap  # pylint: disable=g-import-not-at-top,g-multiple-import
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  repo = Path(__file__).resolve().parents[2]
+  script = textwrap.dedent('''
+      import os
+      os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+      import jax, jax.numpy as jnp, numpy as np
+      from tests.conftest import random_params
+      from tests.train.test_diffusion import micro_config
+      from latent_diffusion.models.autoencoder import AutoencoderKL
+      from latent_diffusion.train import diffusion, sharding
+      config = micro_config()
+      mesh = sharding.make_mesh(config.mesh)
+      assert mesh.size == 8, mesh
+      model = diffusion.build_denoiser(config)
+      autoencoder = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16)
+      params = random_params(jax.eval_shape(lambda r: diffusion.init_params(model, config, r), jax.random.PRNGKey(0)))
+      ae_params = random_params(jax.eval_shape(autoencoder.init, jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))['params'])
+      schedule = diffusion.schedule_from_config(config)
+      draw = lambda sampler: sampler(params, ae_params, jnp.float32(0.5), jax.random.PRNGKey(3), {},
+                                     num_samples=8, num_steps=4)
+      sharded = draw(diffusion.make_sampler(model, autoencoder, config, schedule, mesh=mesh))
+      shards = sharded.addressable_shards
+      assert len(shards) == 8 and all(s.data.shape == (1, 16, 16, 3) for s in shards), [s.data.shape for s in shards]
+      single = draw(diffusion.make_sampler(model, autoencoder, config, schedule))
+      np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-4)
+      print('ok')
+  ''')
+  result = subprocess.run([sys.executable, '-c', script], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'PYTHONPATH': f'{repo}:{repo / "tests"}', 'TF_CPP_MIN_LOG_LEVEL': '2',
+                               'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith('ok')
