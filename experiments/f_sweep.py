@@ -58,10 +58,10 @@ class Budget:
   reconstruction_images: int
 
 
-FULL = Budget(factors=(1, 2, 4, 8, 16), image_size=64, autoencoder_steps=400, autoencoder_batch=16,
-              diffusion_steps=1500, diffusion_batch=32, eval_every=500, eval_samples=500, reference_images=2000,
-              sampler_steps=25, sample_batch=50, model_channels=32, classifier_steps=1500,
-              reconstruction_images=500)
+FULL = Budget(factors=(1, 2, 4, 8, 16), image_size=64, autoencoder_steps=250, autoencoder_batch=8,
+              diffusion_steps=600, diffusion_batch=16, eval_every=300, eval_samples=300, reference_images=2000,
+              sampler_steps=20, sample_batch=50, model_channels=32, classifier_steps=1500,
+              reconstruction_images=300)
 QUICK = Budget(factors=(1, 2, 4, 8), image_size=32, autoencoder_steps=4, autoencoder_batch=8,
                diffusion_steps=4, diffusion_batch=8, eval_every=4, eval_samples=16, reference_images=32,
                sampler_steps=2, sample_batch=8, model_channels=32, classifier_steps=4, reconstruction_images=16)
@@ -188,7 +188,7 @@ def run_factor(f: int, budget: Budget, data_root: str, out: Path, classifier_pat
                              **{k: quality[k] for k in ('psnr', 'ssim', 'rFD-utkface64') if k in quality}}
     save()
   if f == 1:
-    record['autoencoder'] = {'psnr': math.inf, 'note': 'no first stage: the pixels themselves'}
+    record['autoencoder'] = {'psnr': None, 'note': 'no first stage: the pixels themselves'}
 
   done = {entry['step'] for entry in record['fd_along_training']}
   for step in range(budget.eval_every, budget.diffusion_steps + 1, budget.eval_every):

@@ -1,7 +1,6 @@
 """Tests for the built-in shapes dataset."""
 
 import re
-import time
 
 import numpy as np
 import pytest
@@ -215,12 +214,3 @@ def test_backgrounds_are_smooth():
     both_background = background[:, 1:] & background[:, :-1]
     assert step[both_background].max() <= 8  # A gentle gradient at most.
 
-
-def test_generation_takes_about_a_millisecond():
-  source = synthetic.SyntheticShapes(300, seed=0)
-  source[0]
-  start = time.perf_counter()
-  for i in range(300):
-    source[i]
-  per_example = (time.perf_counter() - start) / 300
-  assert per_example < 5e-3, f'{per_example * 1e3:.2f} ms per example'
