@@ -6,7 +6,8 @@ Sampling at scale: batches of sample.batch_size, split over every device of the 
 soon as it is drawn (an .npz shard of uint8 images, or one PNG per sample) under
 <workdir>/diffusion/eval_samples/step<step>_<sampler>_seed<seed>/. Batch k is drawn from the key
 fold_in(seed, k), so an interrupted run, started again, skips the batches already written and ends
-with the same samples as an uninterrupted one.
+with the same samples as an uninterrupted one. On several hosts, process 0 writes the samples, decides
+which batches are left and measures them.
 """
 
 import json
@@ -90,7 +91,10 @@ def draw_to_store(config, store: SampleStore, sampler, params, ae_params, scale_
   the sampler's compilation), 'images_per_second' (after the first batch; None with one batch)}."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   batch_size, rng = store.batch_size, jax.random.PRNGKey(config.sample.seed)
-  pending = [index for index in range(store.num_batches) if not store.is_written(index)]
+  # Process 0 writes the samples and decides what is left: other hosts may not see its disk.
+  written = np.asarray(multihost_utils.broadcast_one_to_all(
+      np.asarray([store.is_written(index) for index in range(store.num_batches)], np.bool_)))
+  pending = [index for index in range(store.num_batches) if not written[index]]
   already = store.count - sum(len(store.indices(index)) for index in pending)
   bar = tqdm(total=store.count, initial=already, unit='img', desc='eval_diffusion',
              disable=not progress or jax.process_index() != 0)
@@ -143,6 +147,8 @@ def evaluate_diffusion(config, workdir) -> dict:
   timing = draw_to_store(config, store, sampler, params, ae_params, scale_factor,
                          sample_inputs(config, count, tokenizer), mesh)
   multihost_utils.sync_global_devices('eval_diffusion samples written')
+  if jax.process_index() != 0:
+    return {}  # process 0, which wrote the samples, measures them
   start = time.time()
   sample_features, sample_logits = features.extract_all(network, store.batches())
   results = {
@@ -155,9 +161,8 @@ def evaluate_diffusion(config, workdir) -> dict:
       'sampling': timing, 'samples': str(store.directory),
       'measure_seconds': round(time.time() - start, 1), 'num_devices': mesh.size,
   }
-  if jax.process_index() == 0:
-    loop.save_json(directory / 'eval.json', results)
-    loop.save_json(directory / f'eval_{tag}_n{count}_step{int(step)}.json', results)
+  loop.save_json(directory / 'eval.json', results)
+  loop.save_json(directory / f'eval_{tag}_n{count}_step{int(step)}.json', results)
   logging.info('eval_diffusion: %s', json.dumps(results))
   print(json.dumps(results, indent=2))
   return results
