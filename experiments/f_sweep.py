@@ -183,7 +183,8 @@ def run_factor(f: int, budget: Budget, data_root: str, out: Path, classifier_pat
     seconds = time.time() - start
     with config.unlocked():
       config.mode = 'eval_autoencoder'
-    quality = _quiet(main.run, config, str(workdir)) or json.loads((workdir / 'autoencoder' / 'eval.json').read_text())
+    _quiet(main.run, config, str(workdir))
+    quality = json.loads((workdir / 'autoencoder' / 'eval.json').read_text())
     record['autoencoder'] = {'steps': budget.autoencoder_steps, 'train_seconds': round(seconds, 1),
                              **{k: quality[k] for k in ('psnr', 'ssim', 'rFD-utkface64') if k in quality}}
     save()
@@ -201,8 +202,8 @@ def run_factor(f: int, budget: Budget, data_root: str, out: Path, classifier_pat
     train_seconds = time.time() - start
     with config.unlocked():
       config.mode = 'eval_diffusion'
-    results = _quiet(main.run, config, str(workdir)) or json.loads(
-        (workdir / 'diffusion' / 'eval.json').read_text())
+    _quiet(main.run, config, str(workdir))
+    results = json.loads((workdir / 'diffusion' / 'eval.json').read_text())
     record['fd_along_training'].append({
         'step': step, 'train_seconds': round(train_seconds, 1), 'FD-utkface64': results['FD-utkface64'],
         'KD-utkface64': results.get('KD-utkface64'), 'precision': results.get('precision'),

@@ -26,6 +26,13 @@ def restore_denoiser(config, workdir, mesh):
   return model, params, state.extras['scale_factor'], step
 
 
+def batch_of_inputs(inputs: dict, start: int, batch_size: int) -> dict:
+  """The host inputs of samples start .. start + batch_size; a short last batch repeats its rows so
+  every call has one shape (one compilation)."""
+  return {name: np.resize(np.asarray(value[start:start + batch_size]), (batch_size,) + np.shape(value)[1:])
+          for name, value in inputs.items()}
+
+
 def draw_samples(config, sampler, params, ae_params, scale_factor, inputs: dict, count: int,
                  seed: int) -> np.ndarray:
   """`count` samples in compiled batches of sample.batch_size (the last one padded: one shape)."""
@@ -33,8 +40,7 @@ def draw_samples(config, sampler, params, ae_params, scale_factor, inputs: dict,
   rng = jax.random.PRNGKey(seed)
   batches = []
   for index, start in enumerate(range(0, count, batch_size)):
-    batch_inputs = {name: np.resize(np.asarray(value[start:start + batch_size]),
-                                    (batch_size,) + np.shape(value)[1:]) for name, value in inputs.items()}
+    batch_inputs = batch_of_inputs(inputs, start, batch_size)
     batches.append(np.asarray(sampler(params, ae_params, scale_factor, jax.random.fold_in(rng, index),
                                       batch_inputs, num_samples=batch_size,
                                       num_steps=config.sample.num_steps)))

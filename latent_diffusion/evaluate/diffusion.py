@@ -100,9 +100,7 @@ def draw_to_store(config, store: SampleStore, sampler, params, ae_params, scale_
              disable=not progress or jax.process_index() != 0)
   drawn, start, first_batch_seconds, after_first = 0, time.time(), None, 0
   for index in pending:
-    begin = index * batch_size
-    batch_inputs = {name: np.resize(np.asarray(value[begin:begin + batch_size]), (batch_size,) + np.shape(value)[1:])
-                    for name, value in inputs.items()}
+    batch_inputs = sample_mode.batch_of_inputs(inputs, index * batch_size, batch_size)
     images = sampler(params, ae_params, scale_factor, jax.random.fold_in(rng, index),
                      jax.device_put(batch_inputs, sharding.batch_sharding(mesh)),  # the same on every process
                      num_samples=batch_size, num_steps=config.sample.num_steps)

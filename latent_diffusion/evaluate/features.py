@@ -44,6 +44,7 @@ class FeatureNetwork:
   kernel_name: str     # 'KID' or 'KD-<dataset>'
   fingerprint: str     # of the weights file: statistics of other weights are not reused
   resize: str          # how images reach the network's input size
+  feature_dim: int     # D
   extract: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
@@ -106,7 +107,7 @@ def make_feature_network(config) -> FeatureNetwork:
       return outputs['pool3'], outputs['logits']
 
     return FeatureNetwork(INCEPTION_NAME, 'FID', 'IS', 'KID', _file_fingerprint(config.eval.inception_path),
-                          f'{config.eval.inception_resize} to 299', extract)
+                          f'{config.eval.inception_resize} to 299', 2048, extract)
   from latent_diffusion.evaluate import classifier  # pylint: disable=g-import-not-at-top
   dataset = classifier_dataset(config)
   variables = classifier.load_classifier(config.eval.classifier_path)
@@ -117,7 +118,7 @@ def make_feature_network(config) -> FeatureNetwork:
 
   return FeatureNetwork(f'classifier_{dataset}', f'FD-{dataset}', f'IS-{dataset}', f'KD-{dataset}',
                         _file_fingerprint(config.eval.classifier_path),
-                        f'average-pooled to about {classifier.INPUT_SIDE} px', extract)
+                        f'average-pooled to about {classifier.INPUT_SIDE} px', classifier.WIDTHS[-1], extract)
 
 
 def extract_all(network: FeatureNetwork, batches) -> tuple[np.ndarray, np.ndarray]:
@@ -199,8 +200,7 @@ def reference_statistics(config, network: FeatureNetwork, cache_dir) -> dict:
   count = len(source) if not config.eval.reference_images else min(config.eval.reference_images, len(source))
   expected = _reference_key(network, data_config, pipeline.describe(data_config, source), count)
   if config.eval.reference_stats:
-    probe = network.extract(np.zeros((1, data_config.image_size, data_config.image_size, 3), np.float32))[0]
-    return load_statistics(config.eval.reference_stats, expected, probe.shape[1])
+    return load_statistics(config.eval.reference_stats, expected, network.feature_dim)
   digest = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
   path = Path(cache_dir) / f'{network.name}_{data_config.image_size}px_{count}_{digest}.npz'
   if path.is_file():

@@ -39,7 +39,7 @@ def test_inception_network_is_named_fid_and_gives_pool3_and_logits(inception_fil
   images = np.random.default_rng(0).uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
   pool3, logits = network.extract(images)
   direct = inception.make_feature_fn(inception.load_fid_inception_params(inception_file), batch_size=2)(images)
-  assert pool3.shape == (3, 2048) and logits.shape == (3, 1008)
+  assert pool3.shape == (3, network.feature_dim) == (3, 2048) and logits.shape == (3, 1008)
   np.testing.assert_allclose(pool3, direct['pool3'], rtol=1e-6)
   np.testing.assert_allclose(logits, direct['logits'], rtol=1e-6)
 
@@ -70,7 +70,7 @@ def test_statistics_of_another_resolution_are_refused_with_both_values(tmp_path)
 
 
 def test_sample_quality_without_reference_features_says_what_is_not_measured():
-  network = features.FeatureNetwork('classifier_x', 'FD-x', 'IS-x', 'KD-x', '', '', lambda images: None)
+  network = features.FeatureNetwork('classifier_x', 'FD-x', 'IS-x', 'KD-x', '', '', 4, lambda images: None)
   rng = np.random.default_rng(0)
   real, fake = rng.normal(size=(40, 4)), rng.normal(size=(40, 4)) + 1.0
   reference = {'mu': real.mean(0), 'sigma': np.cov(real, rowvar=False)}
