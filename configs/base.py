@@ -234,6 +234,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.segmentation = ''   # semantic models: a PNG of class indices
   config.sample.image = ''          # super-resolution: the low-resolution PNG; inpainting: the image to fill
   config.sample.mask = ''           # inpainting: a PNG, white where the image is to be filled
+  config.sample.keep_known_latents = False  # inpainting, ddim: also reset the latents of known pixels to the
+                                            # noised encoding of the masked image before every step (the
+                                            # paper's masked DDIM, on top of the concat condition)
 
   config.lock()
   return config

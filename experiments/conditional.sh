@@ -39,8 +39,8 @@ train() { local name=$1 reserve=$2; shift 2; timeout -k 30 -s TERM $(( $(left) -
 run() { local name=$1; shift; timeout -k 30 -s TERM $(( $(left) > 5 ? $(left) - 5 : 1 )) "$@" > "$OUT/logs/$name.log" 2>&1 \
   || echo "$name: exit $?" >> "$OUT/logs/status.txt"; }
 wait_for() { while [[ ! -e "$1" ]] && (( $(left) > 20 )); do sleep 2; done; }
-collect() {  # collect TASK: the eval JSONs and grids of one workdir
-  cp "$W/$1"/diffusion/eval_*.json "$OUT/results/" 2>/dev/null
+collect() {  # collect WORKDIR: the eval JSONs and grids of one workdir, named after it
+  for f in "$W/$1"/diffusion/eval_*.json; do [[ -e "$f" ]] && cp "$f" "$OUT/results/$1_$(basename "$f")"; done
   for f in "$W/$1"/diffusion/samples/*.png; do [[ -e "$f" ]] && cp "$f" "$OUT/grids/$1_$(basename "$f")"; done
 }
 EVAL_RESERVE=${EVAL_RESERVE:-150}
@@ -63,17 +63,19 @@ draw.rectangle([18, 22, 46, 38], fill=255)
 draw.line([(5, 58), (30, 45), (60, 55)], fill=255, width=6)
 mask.save(os.path.join(out, 'mask64.png'))
 PYTHON
-# cli TASK FLAGS...: a sample-mode grid of 8 from command-line conditions (the file names say which)
-cli() { local task=$1; shift; run ${task}_cli $MAIN --config=configs/$task.py --workdir="$W/$task" --config.mode=sample \
-    --config.sample.num_samples=8 --config.sample.batch_size=8 $CLI_STEPS "$@"; }
-cli_for() {
-  case $1 in
-    shapes_text) cli "$1" "--config.sample.prompt=a red circle left of a blue square|a green star" ;;
-    shapes_layout) cli "$1" --config.sample.layout="$OUT/inputs/layout.json" ;;
-    utkface_class) cli "$1" --config.sample.class_label=2 ;;
-    utkface_sr) cli "$1" --config.sample.image="$OUT/inputs/face32.png" ;;  # 32 px -> 128 px
-    utkface_inpaint) cli "$1" --config.sample.image="$OUT/inputs/face64.png" --config.sample.mask="$OUT/inputs/mask64.png" ;;
-    *) cli "$1" ;;  # held-out conditions
+# cli TASK FLAGS...: a sample-mode grid of 8 from command-line conditions (the file names say which);
+# CLI_WORKDIR (default TASK) names the workdir when one config trains several.
+cli() { local task=$1 dir=${CLI_WORKDIR:-$1}; shift; run ${dir}_cli $MAIN --config=configs/$task.py --workdir="$W/$dir" \
+    --config.mode=sample --config.sample.num_samples=8 --config.sample.batch_size=8 $CLI_STEPS "$@"; }
+cli_for() {  # cli_for TASK [FLAGS...]
+  local task=$1; shift
+  case $task in
+    shapes_text) cli $task "--config.sample.prompt=a red circle left of a blue square|a green star" "$@" ;;
+    shapes_layout) cli $task --config.sample.layout="$OUT/inputs/layout.json" "$@" ;;
+    utkface_class) cli $task --config.sample.class_label=2 "$@" ;;
+    utkface_sr) cli $task --config.sample.image="$OUT/inputs/face32.png" "$@" ;;  # 32 px -> 128 px
+    utkface_inpaint) cli $task --config.sample.image="$OUT/inputs/face64.png" --config.sample.mask="$OUT/inputs/mask64.png" "$@" ;;
+    *) cli $task "$@" ;;  # held-out conditions
   esac
 }
 
@@ -119,16 +121,29 @@ utkface_chain() {  # class-conditional (utkface64_f4's stage 1)
   collect utkface_class
 }
 
+# RESTORATION_TASKS: workdirs of the restoration chain, each NAME or NAME:CONFIG, with more --config
+# flags for every run of that workdir in $FLAGS_<NAME> (e.g. an ablation of one config beside it).
+# SR_EVAL_STEPS: the DDIM step counts of the super-resolution evaluation; inpainting is evaluated with
+# and without sample.keep_known_latents (the paper's masked DDIM on top of the concat condition).
 restoration_chain() {  # super-resolution and inpainting share the KL-f2 stage 1
   train restoration_ae $(( EVAL_RESERVE + 120 )) $MAIN --config=configs/utkface_sr.py --workdir="$W/utkface_sr" \
       --config.mode=train_autoencoder $AE_STEPS
-  mkdir -p "$W/utkface_inpaint" && cp -r "$W/utkface_sr/autoencoder" "$W/utkface_inpaint/"
-  for task in utkface_sr utkface_inpaint; do
-    ( train $task $EVAL_RESERVE $MAIN --config=configs/$task.py --workdir="$W/$task" --config.mode=train_diffusion $STEPS
-      run ${task}_eval $MAIN --config=configs/$task.py --workdir="$W/$task" --config.mode=eval_conditional \
-          --config.eval.num_images=$EVAL_N $EVAL_STEPS
-      cli_for $task
-      collect $task ) &
+  for spec in ${RESTORATION_TASKS:-utkface_sr utkface_inpaint}; do
+    local name=${spec%%:*} task=${spec#*:}
+    local flags_var="FLAGS_$name"; local flags=${!flags_var:-}
+    [[ $name != utkface_sr ]] && mkdir -p "$W/$name" && cp -r "$W/utkface_sr/autoencoder" "$W/$name/"
+    ( train $name $EVAL_RESERVE $MAIN --config=configs/$task.py --workdir="$W/$name" --config.mode=train_diffusion \
+          $STEPS $flags
+      if [[ $task == utkface_inpaint ]]; then variants="False True"; else variants="${SR_EVAL_STEPS:-50}"; fi
+      for variant in $variants; do
+        if [[ $task == utkface_inpaint ]]; then extra="--config.sample.keep_known_latents=$variant"
+        else extra="--config.sample.num_steps=$variant"; fi
+        [[ "${QUICK:-0}" == 1 ]] && extra="$extra --config.sample.num_steps=4"
+        run ${name}_eval_$variant $MAIN --config=configs/$task.py --workdir="$W/$name" --config.mode=eval_conditional \
+            --config.eval.num_images=$EVAL_N $EVAL_STEPS $flags $extra
+      done
+      CLI_WORKDIR=$name cli_for $task $flags
+      collect $name ) &
   done
   wait
 }

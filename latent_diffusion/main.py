@@ -64,6 +64,12 @@ def check_config(config) -> None:
   if not 0 < config.sample.num_steps <= most_steps:
     raise ConfigError(f'sample.num_steps: must be in [1, {most_steps}] for sample.sampler='
                       f'{config.sample.sampler!r}, got {config.sample.num_steps}')
+  if config.sample.keep_known_latents and (config.cond_stage.key != 'masked_image'
+                                            or not config.diffusion.conditioning_key
+                                            or config.sample.sampler != 'ddim'):
+    raise ConfigError('sample.keep_known_latents: needs an inpainting model (cond_stage.key=masked_image) '
+                      f'and sample.sampler=ddim, got cond_stage.key={config.cond_stage.key!r}, '
+                      f'sample.sampler={config.sample.sampler!r}')
   for section in ('autoencoder', 'unet'):
     widths = ([config.autoencoder.ch * m for m in config.autoencoder.ch_mult] if section == 'autoencoder'
               else [config.unet.model_channels * m for m in config.unet.channel_mult])

@@ -211,11 +211,15 @@ def scale_factor_from_moments(moments, rng, autoencoder_kind='kl') -> jax.Array:
 
 
 def run_sampler(sampling, model_fn, x_T, rng, schedule, num_steps: int, parameterization: str,
-                clip_denoised: bool = False):
-  """Latents from noise x_T with the sampler named by sample.sampler."""
+                clip_denoised: bool = False, known=None):
+  """Latents from noise x_T with the sampler named by sample.sampler; `known` (keep, x0_known): DDIM's
+  masked sampling (see known_latents)."""
+  if known is not None and sampling.sampler != 'ddim':
+    raise ConfigError(f'sample.keep_known_latents: needs sample.sampler=ddim, got {sampling.sampler!r}')
   if sampling.sampler == 'ddim':
+    keep, x0_known = known if known is not None else (None, None)
     return samplers.ddim_sample(model_fn, x_T, rng, schedule, num_steps, sampling.eta, sampling.spacing,
-                                parameterization=parameterization)
+                                parameterization=parameterization, mask=keep, x0_known=x0_known)
   if sampling.sampler == 'ddpm':
     return samplers.ddpm_sample(model_fn, x_T, rng, schedule,
                                 None if num_steps >= schedule.num_timesteps else num_steps,
@@ -243,9 +247,10 @@ def guided_model_fn(model: LatentDenoiser, params, raw: dict, guidance_scale: fl
 
 def sample_latents(model: LatentDenoiser, config, schedule, params, rng, raw, num_samples: int,
                    num_steps: int, shape: tuple[int, int, int] | None = None, nulls=None,
-                   batch_sharding=None) -> jax.Array:
+                   batch_sharding=None, known=None) -> jax.Array:
   """Latents (num_samples, h, w, c) drawn with config.sample's sampler and guidance; `shape` (h, w, c)
-  defaults to the training latents; `batch_sharding` splits the samples over devices."""
+  defaults to the training latents; `batch_sharding` splits the samples over devices; `known`: see
+  known_latents."""
   if nulls is None:
     nulls = conditioning.null_values(config)
   model_fn = guided_model_fn(model, params, raw, config.sample.guidance_scale, nulls)
@@ -254,7 +259,22 @@ def sample_latents(model: LatentDenoiser, config, schedule, params, rng, raw, nu
   if batch_sharding is not None:
     x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
   return run_sampler(config.sample, model_fn, x_T, sampler_rng, schedule, num_steps,
-                     config.diffusion.parameterization, config.diffusion.clip_denoised)
+                     config.diffusion.parameterization, config.diffusion.clip_denoised, known)
+
+
+def known_latents(concat, mask, scale_factor) -> tuple[jax.Array, jax.Array]:
+  """(keep, x0_known) of masked DDIM for an inpainting model, from its unscaled concat condition (the
+  stage-1 encoding of the masked image, then the mask channel) and the pixel mask (B, H, W, 1), 1 where
+  the image is to be filled. keep (B, h, w, 1) is 1 at latents none of whose pixels, nor those of their
+  8 neighbours (the encoder's reach beyond its own f x f cell), is to be filled; x0_known is the masked
+  image's encoding in the units of the diffused latents. Nothing of the hidden pixels enters either."""
+  height, width = concat.shape[1:3]
+  f = mask.shape[1] // height
+  if f * height != mask.shape[1] or f * width != mask.shape[2]:
+    raise ValueError(f'inpainting mask {mask.shape[1:3]} is not a multiple of the latent size {(height, width)}')
+  hole = jax.lax.reduce_window(mask.astype(jnp.float32), -jnp.inf, jax.lax.max, (1, f, f, 1), (1, f, f, 1), 'VALID')
+  hole = jax.lax.reduce_window(hole, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), 'SAME')
+  return 1.0 - hole, concat[..., :-1] * scale_factor
 
 
 def concat_from_pixels(config, autoencoder, ae_params, batch: dict, latent_hw: tuple[int, int]) -> jax.Array:
@@ -311,10 +331,12 @@ def make_sampler(model: LatentDenoiser, autoencoder, config, schedule, shape=Non
 
   def sample(params, ae_params, scale_factor, rng, inputs, *, num_samples, num_steps):
     raw = device_conditions(config, autoencoder, ae_params, inputs, shape[:2])
+    known = (known_latents(raw['concat'], inputs['mask'], scale_factor)
+             if config.sample.keep_known_latents else None)
     if scales_encoded_concat(config):
       raw = scale_encoded_concat(raw, scale_factor)
     latents = sample_latents(model, config, schedule, params, rng, raw, num_samples, num_steps, shape, nulls,
-                             batch_sharding)
+                             batch_sharding, known)
     decoded = autoencoder.apply({'params': ae_params}, latents / scale_factor, method=autoencoder.decode)
     return jnp.clip(decoded, -1.0, 1.0)
 
@@ -393,6 +415,8 @@ def sampler_tag(config) -> str:
     tag += f'_eta{sampling.eta:g}'
   if sampling.guidance_scale != 1.0:
     tag += f'_cfg{sampling.guidance_scale:g}'
+  if sampling.keep_known_latents:
+    tag += '_known'
   return tag
 
 

@@ -194,6 +194,48 @@ def test_scale_first_stage_feeds_the_masked_image_encoding_in_latent_units(make_
   assert abs(plain(concat) - plain(scaled)) > 1e-4
 
 
+def test_known_latents_keep_only_latents_whose_cell_and_neighbours_are_known():
+  concat = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 5))  # encoding (4) + mask channel
+  mask = np.zeros((2, 16, 16, 1), np.float32)
+  mask[0, 7, 9] = 1.0               # one hidden pixel: latent (3, 4) and its 8 neighbours are not kept
+  keep, x0_known = diffusion.known_latents(concat, jnp.asarray(mask), 0.5)
+  expected = np.ones((2, 8, 8, 1), np.float32)
+  expected[0, 2:5, 3:6] = 0.0
+  np.testing.assert_array_equal(keep, expected)
+  np.testing.assert_allclose(x0_known, concat[..., :4] * 0.5, rtol=1e-6)
+  with pytest.raises(ValueError, match='multiple of the latent size'):
+    diffusion.known_latents(concat, jnp.zeros((2, 15, 16, 1)), 0.5)
+
+
+def test_keep_known_latents_holds_the_known_latents_while_sampling(make_random_params):
+  config = micro_config()
+  config.diffusion.conditioning_key = 'concat'
+  config.cond_stage.kind, config.cond_stage.key, config.cond_stage.trainable = 'first_stage', 'masked_image', False
+  config.unet.in_channels = 4 + 4 + 1
+  model = diffusion.build_denoiser(config)
+  params = jax.tree.map(jnp.asarray, make_random_params(
+      jax.eval_shape(functools.partial(diffusion.init_params, model, config), jax.random.PRNGKey(0)), 0))
+  concat = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 5))
+  mask = jnp.zeros((2, 16, 16, 1)).at[:, 4:12, 4:12].set(1.0)
+  keep, x0_known = diffusion.known_latents(concat, mask, 1.0)
+  schedule = diffusion.schedule_from_config(config)
+
+  def latents(known):
+    return diffusion.sample_latents(model, config, schedule, params, jax.random.PRNGKey(0), {'concat': concat},
+                                    2, 4, known=known)
+
+  held, free = latents((keep, x0_known)), latents(None)
+  kept = np.broadcast_to(np.asarray(keep) > 0, held.shape)
+  assert 0 < kept.mean() < 1
+  held_error = np.abs(np.asarray(held - x0_known))
+  free_error = np.abs(np.asarray(free - x0_known))
+  assert held_error[kept].max() < 0.25 < free_error[kept].mean(), (held_error[kept].max(), free_error[kept].mean())
+  assert held_error[~kept].mean() > 0.25  # the hole is drawn, not copied
+  config.sample.sampler = 'plms'
+  with pytest.raises(ConfigError, match='keep_known_latents'):
+    latents((keep, x0_known))
+
+
 def test_crossattn_class_model_trains_its_embedder(make_random_params):
   config = micro_config()
   config.data.num_classes = 4
