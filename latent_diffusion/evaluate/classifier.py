@@ -31,7 +31,7 @@ from flax import serialization
 
 from latent_diffusion.data import pipeline
 from latent_diffusion.errors import CheckpointError, ConfigError, DataError
-from latent_diffusion.evaluate import params_file
+from latent_diffusion.evaluate import batching, params_file
 
 WIDTHS = (32, 64, 128)
 INPUT_SIDE = 32  # larger inputs are average-pooled to about this side
@@ -208,16 +208,9 @@ def outputs(variables, images) -> tuple[np.ndarray, np.ndarray]:
   images = np.asarray(images, np.float32)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'images must be (N, H, W, 3), got shape {images.shape}')
-  logits, feats = [np.zeros((0, num_classes_of(variables)), np.float32)], [np.zeros((0, WIDTHS[-1]), np.float32)]
-  for begin in range(0, len(images), _EVAL_BATCH):
-    part = images[begin:begin + _EVAL_BATCH]
-    count = len(part)
-    if count < _EVAL_BATCH and len(images) > _EVAL_BATCH:
-      part = np.concatenate([part, np.zeros((_EVAL_BATCH - count,) + part.shape[1:], np.float32)])
-    part_logits, part_features = jax.device_get(_apply(variables, part))
-    logits.append(np.asarray(part_logits, np.float32)[:count])
-    feats.append(np.asarray(part_features, np.float32)[:count])
-  return np.concatenate(logits), np.concatenate(feats)
+  logits, feats = batching.map_in_batches(lambda batch: _apply(variables, batch), images, _EVAL_BATCH,
+                                          pad_single=False)
+  return logits.astype(np.float32), feats.astype(np.float32)
 
 
 def predict(variables, images) -> np.ndarray:

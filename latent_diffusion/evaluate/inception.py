@@ -28,6 +28,7 @@ from PIL import Image
 
 from latent_diffusion import torch_files
 from latent_diffusion.errors import CheckpointError, ConfigError
+from latent_diffusion.evaluate import batching
 
 INPUT_SIDE = 299
 NUM_CLASSES = 1008  # the TF graph's outputs: background, the 1000 ImageNet classes, 7 unused
@@ -337,23 +338,19 @@ def make_feature_fn(variables: Mapping[str, Any], resize: str = 'pytorch_fid',
     raise ConfigError(f'FID Inception batch_size must be positive, got {batch_size}')
   variables = jax.device_put(variables)
 
+  def features_of(batch: np.ndarray):
+    if resize == 'clean':
+      return _features(variables, jax.device_put(resize_clean(batch)))
+    return _features(variables, _resize_pytorch_fid_jit(batch))  # a device array either way: jit caches
+                                                                  # numpy and device arguments apart
+
   def feature_fn(images: np.ndarray) -> dict[str, np.ndarray]:
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'FID Inception takes (N, H, W, 3) images, got shape {images.shape}')
-    outputs, counts = [], []  # device arrays: the host resizes the next batch while the device works
-    for start in range(0, len(images), batch_size):
-      batch = images[start:start + batch_size]
-      counts.append(len(batch))
-      if resize == 'clean':
-        batch = resize_clean(batch)
-      batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]), np.float32)])
-      # a device array either way: jit caches numpy and device arguments apart (a second entry)
-      batch = _resize_pytorch_fid_jit(batch) if resize == 'pytorch_fid' else jax.device_put(batch)
-      outputs.append(_features(variables, batch))
-    empty = {'pool3': np.zeros((0, FEATURES), np.float32), 'logits': np.zeros((0, NUM_CLASSES), np.float32)}
-    return {name: np.concatenate([value] + [np.asarray(out[name])[:count]
-                                            for out, count in zip(outputs, counts)])
-            for name, value in empty.items()}
+    if not len(images):
+      return {'pool3': np.zeros((0, FEATURES), np.float32), 'logits': np.zeros((0, NUM_CLASSES), np.float32)}
+    outputs = batching.map_in_batches(features_of, images, batch_size)
+    return {name: np.asarray(outputs[name], np.float32) for name in ('pool3', 'logits')}
 
   return feature_fn
