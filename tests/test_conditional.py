@@ -48,6 +48,8 @@ def conditional_config(task: str, mode: str = 'train_diffusion'):
     unet.in_channels = 4 + 4 + 1
     config.data.inpainting_masks = True
     cond.kind, cond.key = 'first_stage', 'masked_image'
+    cond.scale_first_stage = True           # as configs/utkface_inpaint.py
+    config.sample.keep_known_latents = True
   return config
 
 
