@@ -15,6 +15,7 @@ Frechet distance in the features of our race classifier trained on utkface64/tra
 
   python experiments/f_sweep.py --out=experiments/results/f_sweep          # full: ~90 min on 2 cores
   python experiments/f_sweep.py --quick --out=/tmp/f_sweep                   # the whole sweep, small
+  python experiments/f_sweep.py --out=OUT --compare_samplers=8               # then samplers on LDM-8
 
 It writes <out>/results.json, <out>/fd_vs_steps.png (Figure 6), <out>/fd_vs_throughput.png (Figure 7),
 and keeps each run's workdir under <out>/workdirs/ldm<f> (a run started again resumes: finished stages
@@ -291,7 +292,23 @@ def parse_args(argv=None):
   parser.add_argument('--factors', default='', help='comma-separated f values (default: the budget\'s)')
   parser.add_argument('--classifier', default='', help='an FD classifier trained on utkface64 (default: train one)')
   parser.add_argument('--data_root', default=os.environ.get('LDM_DATA', str(REPO.parent / 'shared' / 'data')))
+  parser.add_argument('--compare_samplers', type=int, default=0,
+                      help='then compare DDIM, PLMS and DPM-Solver++ on the sweep\'s LDM-<f> (experiments/samplers.py), '
+                           'written to <out>/samplers')
+  parser.add_argument('--sampler_steps', default='10,25,50,100,200', help='the sampler comparison\'s step counts')
   return parser.parse_args(argv)
+
+
+def compare_samplers(f: int, budget: Budget, out: Path, data_root: str, classifier: str, steps) -> dict:
+  """experiments/samplers.py on the sweep's trained LDM-<f>: FD of budget.eval_samples samples per
+  (sampler, steps), against the sweep's reference statistics."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location('samplers', Path(__file__).with_name('samplers.py'))
+  samplers = importlib.util.module_from_spec(spec)  # experiments/samplers.py, beside this file
+  spec.loader.exec_module(samplers)
+  config = sweep_config(f, budget, data_root, ensure_classifier(budget, data_root, out, classifier),
+                        str(out / 'reference_stats'))
+  return samplers.compare(config, str(out / 'workdirs' / f'ldm{f}'), samplers.SAMPLERS, steps, out / 'samplers')
 
 
 if __name__ == '__main__':
@@ -300,3 +317,6 @@ if __name__ == '__main__':
   if args.factors:
     chosen = dataclasses.replace(chosen, factors=tuple(int(f) for f in args.factors.split(',')))
   run_sweep(chosen, Path(args.out), args.data_root, args.classifier)
+  if args.compare_samplers:
+    compare_samplers(args.compare_samplers, chosen, Path(args.out), args.data_root, args.classifier,
+                     [int(step) for step in args.sampler_steps.split(',')])
