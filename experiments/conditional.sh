@@ -24,6 +24,7 @@ if [[ "${QUICK:-0}" == 1 ]]; then
   STEPS="--config.diffusion_train.num_steps=4 --config.diffusion_train.sample_every_steps=4 --config.sample.num_steps=4"
   AE_STEPS="--config.autoencoder_train.num_steps=4 --config.autoencoder_train.eval_every_steps=0"
   PARSER_STEPS=5; CLASSIFIER_STEPS=5; EVAL_N=8; EVAL_BATCH=8; EVAL_STEPS="--config.sample.num_steps=4"
+  SR_EVAL_STEPS=4
 else
   STEPS=""; AE_STEPS=""; PARSER_STEPS=${PARSER_STEPS:-3000}; CLASSIFIER_STEPS=${CLASSIFIER_STEPS:-1500}
   EVAL_STEPS=""
@@ -138,7 +139,6 @@ restoration_chain() {  # super-resolution and inpainting share the KL-f2 stage 1
       for variant in $variants; do
         if [[ $task == utkface_inpaint ]]; then extra="--config.sample.keep_known_latents=$variant"
         else extra="--config.sample.num_steps=$variant"; fi
-        [[ "${QUICK:-0}" == 1 ]] && extra="$extra --config.sample.num_steps=4"
         run ${name}_eval_$variant $MAIN --config=configs/$task.py --workdir="$W/$name" --config.mode=eval_conditional \
             --config.eval.num_images=$EVAL_N $EVAL_STEPS $flags $extra
       done

@@ -302,10 +302,7 @@ def parse_args(argv=None):
 def compare_samplers(f: int, budget: Budget, out: Path, data_root: str, classifier: str, steps) -> dict:
   """experiments/samplers.py on the sweep's trained LDM-<f>: FD of budget.eval_samples samples per
   (sampler, steps), against the sweep's reference statistics."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('samplers', Path(__file__).with_name('samplers.py'))
-  samplers = importlib.util.module_from_spec(spec)  # experiments/samplers.py, beside this file
-  spec.loader.exec_module(samplers)
+  from experiments import samplers  # pylint: disable=g-import-not-at-top
   config = sweep_config(f, budget, data_root, ensure_classifier(budget, data_root, out, classifier),
                         str(out / 'reference_stats'))
   return samplers.compare(config, str(out / 'workdirs' / f'ldm{f}'), samplers.SAMPLERS, steps, out / 'samplers')

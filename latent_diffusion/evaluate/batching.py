@@ -13,13 +13,13 @@ def map_in_batches(fn: Callable[[np.ndarray], Any], images: np.ndarray, batch_si
   Every batch is zero-padded to batch_size, so fn compiles once whatever N; the padded rows are dropped.
   With pad_single=False, an N <= batch_size runs as one batch of N (small evaluations stay small).
   fn returns device arrays (B, ...); they are fetched after every batch is dispatched, so the host
-  prepares the next batch while the device works. N = 0 gives empty outputs of fn's shapes.
+  prepares the next batch while the device works. N = 0 gives empty outputs of fn's shapes (fn runs
+  once on a zero batch to learn them: fn may do host work that cannot be traced).
   """
   images = np.asarray(images, np.float32)
   size = batch_size if pad_single or len(images) > batch_size else max(len(images), 1)
   if not len(images):
-    shapes = jax.eval_shape(fn, np.zeros((size,) + images.shape[1:], np.float32))
-    return jax.tree.map(lambda s: np.zeros((0,) + s.shape[1:], s.dtype), shapes)
+    return jax.tree.map(lambda x: np.asarray(x)[:0], fn(np.zeros((size,) + images.shape[1:], np.float32)))
   outputs, counts = [], []
   for start in range(0, len(images), size):
     batch = images[start:start + size]

@@ -107,7 +107,7 @@ def make_feature_network(config) -> FeatureNetwork:
       return outputs['pool3'], outputs['logits']
 
     return FeatureNetwork(INCEPTION_NAME, 'FID', 'IS', 'KID', _file_fingerprint(config.eval.inception_path),
-                          f'{config.eval.inception_resize} to 299', 2048, extract)
+                          f'{config.eval.inception_resize} to 299', inception.FEATURES, extract)
   from latent_diffusion.evaluate import classifier  # pylint: disable=g-import-not-at-top
   dataset = classifier_dataset(config)
   variables = classifier.load_classifier(config.eval.classifier_path)

@@ -348,8 +348,6 @@ def make_feature_fn(variables: Mapping[str, Any], resize: str = 'pytorch_fid',
     images = np.asarray(images, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'FID Inception takes (N, H, W, 3) images, got shape {images.shape}')
-    if not len(images):
-      return {'pool3': np.zeros((0, FEATURES), np.float32), 'logits': np.zeros((0, NUM_CLASSES), np.float32)}
     outputs = batching.map_in_batches(features_of, images, batch_size)
     return {name: np.asarray(outputs[name], np.float32) for name in ('pool3', 'logits')}
 
