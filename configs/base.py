@@ -237,6 +237,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample.keep_known_latents = False  # inpainting, ddim: also reset the latents of known pixels to the
                                             # noised encoding of the masked image before every step (the
                                             # paper's masked DDIM, on top of the concat condition)
+  config.sample.image_guidance_scale = 0.0  # super-resolution, inpainting: the paper's image-space guider
+                                            # (0 = off): each step's eps is pushed towards latents whose
+                                            # decoded x0 matches the input (downsampled by antialiased
+                                            # bicubic; or on the known pixels)
 
   config.lock()
   return config

@@ -70,6 +70,11 @@ def check_config(config) -> None:
     raise ConfigError('sample.keep_known_latents: needs an inpainting model (cond_stage.key=masked_image) '
                       f'and sample.sampler=ddim, got cond_stage.key={config.cond_stage.key!r}, '
                       f'sample.sampler={config.sample.sampler!r}')
+  if config.sample.image_guidance_scale < 0 or (config.sample.image_guidance_scale > 0 and (
+      config.cond_stage.key not in ('low_res', 'masked_image') or not config.diffusion.conditioning_key)):
+    raise ConfigError('sample.image_guidance_scale: must be >= 0, and > 0 only for a super-resolution or '
+                      'inpainting model (cond_stage.key low_res or masked_image), got '
+                      f'{config.sample.image_guidance_scale} with cond_stage.key={config.cond_stage.key!r}')
   for section in ('autoencoder', 'unet'):
     widths = ([config.autoencoder.ch * m for m in config.autoencoder.ch_mult] if section == 'autoencoder'
               else [config.unet.model_channels * m for m in config.unet.channel_mult])

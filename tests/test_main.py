@@ -167,6 +167,8 @@ def test_ddpm_may_walk_the_whole_chain_but_ddim_may_not():
     (dict(diffusion__cond_drop_prob=0.1), 'diffusion.cond_drop_prob'),      # unconditional model
     (dict(unet__attention_impl='flash'), 'unet.attention_impl'),
     (dict(sample__keep_known_latents=True), 'sample.keep_known_latents'),  # not an inpainting model
+    (dict(sample__image_guidance_scale=2.0), 'sample.image_guidance_scale'),  # not a restoration model
+    (dict(sample__image_guidance_scale=-1.0), 'sample.image_guidance_scale'),
 ])
 def test_check_config_rejects_bad_values_naming_the_field(fields, name):
   with pytest.raises(ConfigError) as error:

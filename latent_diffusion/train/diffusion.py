@@ -247,13 +247,16 @@ def guided_model_fn(model: LatentDenoiser, params, raw: dict, guidance_scale: fl
 
 def sample_latents(model: LatentDenoiser, config, schedule, params, rng, raw, num_samples: int,
                    num_steps: int, shape: tuple[int, int, int] | None = None, nulls=None,
-                   batch_sharding=None, known=None) -> jax.Array:
+                   batch_sharding=None, known=None, residual_fn=None) -> jax.Array:
   """Latents (num_samples, h, w, c) drawn with config.sample's sampler and guidance; `shape` (h, w, c)
   defaults to the training latents; `batch_sharding` splits the samples over devices; `known`: see
-  known_latents."""
+  known_latents; `residual_fn`: see image_residual_fn (used when sample.image_guidance_scale > 0)."""
   if nulls is None:
     nulls = conditioning.null_values(config)
   model_fn = guided_model_fn(model, params, raw, config.sample.guidance_scale, nulls)
+  if residual_fn is not None and config.sample.image_guidance_scale > 0:
+    model_fn = guidance.image_guidance(model_fn, schedule, config.diffusion.parameterization, residual_fn,
+                                       config.sample.image_guidance_scale)
   noise_rng, sampler_rng = jax.random.split(rng)
   x_T = jax.random.normal(noise_rng, (num_samples,) + (shape or latent_shape(config)))
   if batch_sharding is not None:
@@ -275,6 +278,31 @@ def known_latents(concat, mask, scale_factor) -> tuple[jax.Array, jax.Array]:
   hole = jax.lax.reduce_window(mask.astype(jnp.float32), -jnp.inf, jax.lax.max, (1, f, f, 1), (1, f, f, 1), 'VALID')
   hole = jax.lax.reduce_window(hole, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), 'SAME')
   return 1.0 - hole, concat[..., :-1] * scale_factor
+
+
+def image_residual_fn(config, autoencoder, ae_params, inputs: dict, scale_factor):
+  """residual_fn(x0) of the image-space guider (guidance.image_guidance) for a restoration model: the
+  decoded clean estimate against what the input shows of the truth. Super-resolution: the decoded image
+  downsampled to the low-resolution input's size (antialiased bicubic, the degradation of
+  data.degradation='bicubic') minus that input. Inpainting: the decoded image minus the image, on the
+  known pixels only (nothing of the hole enters)."""
+  def decode(x0):
+    return autoencoder.apply({'params': ae_params}, x0 / scale_factor, method=autoencoder.decode).astype(jnp.float32)
+
+  if config.cond_stage.key == 'low_res':
+    low_res = inputs['low_res'].astype(jnp.float32)
+
+    def residual(x0):
+      image = decode(x0)
+      small = jax.image.resize(image, image.shape[:1] + low_res.shape[1:3] + image.shape[3:], 'bicubic',
+                               antialias=True)
+      return small - low_res
+    return residual
+  if config.cond_stage.key == 'masked_image':
+    image, known = inputs['image'].astype(jnp.float32), 1.0 - inputs['mask'].astype(jnp.float32)
+    return lambda x0: (decode(x0) - image) * known
+  raise ConfigError(f'sample.image_guidance_scale: needs a restoration model (cond_stage.key low_res or '
+                    f'masked_image), got cond_stage.key={config.cond_stage.key!r}')
 
 
 def concat_from_pixels(config, autoencoder, ae_params, batch: dict, latent_hw: tuple[int, int]) -> jax.Array:
@@ -333,10 +361,12 @@ def make_sampler(model: LatentDenoiser, autoencoder, config, schedule, shape=Non
     raw = device_conditions(config, autoencoder, ae_params, inputs, shape[:2])
     known = (known_latents(raw['concat'], inputs['mask'], scale_factor)
              if config.sample.keep_known_latents else None)
+    residual_fn = (image_residual_fn(config, autoencoder, ae_params, inputs, scale_factor)
+                   if config.sample.image_guidance_scale > 0 else None)
     if scales_encoded_concat(config):
       raw = scale_encoded_concat(raw, scale_factor)
     latents = sample_latents(model, config, schedule, params, rng, raw, num_samples, num_steps, shape, nulls,
-                             batch_sharding, known)
+                             batch_sharding, known, residual_fn)
     decoded = autoencoder.apply({'params': ae_params}, latents / scale_factor, method=autoencoder.decode)
     return jnp.clip(decoded, -1.0, 1.0)
 
@@ -417,6 +447,8 @@ def sampler_tag(config) -> str:
     tag += f'_cfg{sampling.guidance_scale:g}'
   if sampling.keep_known_latents:
     tag += '_known'
+  if sampling.image_guidance_scale > 0:
+    tag += f'_ig{sampling.image_guidance_scale:g}'
   return tag
 
 

@@ -275,6 +275,36 @@ def test_sampler_decodes_latents_to_clipped_images_of_the_data_size(make_random_
   np.testing.assert_array_equal(samples, draw())
 
 
+@pytest.mark.parametrize('task', ['sr', 'inpaint'])
+def test_image_guidance_brings_samples_closer_to_what_the_input_shows(task, make_random_params):
+  """Random networks know nothing of the input; the image-space guider pulls their samples towards it:
+  the downsampled sample towards the low-resolution image, or the known pixels towards the image."""
+  config = micro_config()
+  config.diffusion.conditioning_key = 'concat'
+  image = jax.random.uniform(jax.random.PRNGKey(5), (2, 16, 16, 3), minval=-1.0, maxval=1.0)
+  if task == 'sr':
+    config.unet.in_channels, config.data.low_res_size = 4 + 3, 8
+    config.cond_stage.kind, config.cond_stage.key = 'identity', 'low_res'
+    inputs = {'low_res': jax.image.resize(image, (2, 8, 8, 3), 'bicubic', antialias=True)}
+    error = lambda samples: jax.image.resize(samples, (2, 8, 8, 3), 'bicubic', antialias=True) - inputs['low_res']
+  else:
+    config.unet.in_channels = 4 + 4 + 1
+    config.cond_stage.kind, config.cond_stage.key = 'first_stage', 'masked_image'
+    inputs = {'image': image, 'mask': jnp.zeros((2, 16, 16, 1)).at[:, 4:12, 4:12].set(1.0)}
+    error = lambda samples: (samples - image) * (1.0 - inputs['mask'])
+
+  def rms_error(scale):
+    config.sample.image_guidance_scale = scale
+    sampler, params, ae_params = sampler_parts(config, make_random_params)
+    samples = sampler(params, ae_params, jnp.float32(0.5), jax.random.PRNGKey(2), inputs, num_samples=2,
+                      num_steps=10)
+    return float(jnp.sqrt(jnp.mean(jnp.square(error(samples)))))
+
+  unguided, guided = rms_error(0.0), rms_error(20.0)
+  assert guided < 0.8 * unguided, (guided, unguided)
+  assert diffusion.sampler_tag(config).endswith('_ig20')
+
+
 def test_each_sampler_draws_distinct_deterministic_latents(make_random_params):
   config = micro_config()
   model = diffusion.build_denoiser(config)
