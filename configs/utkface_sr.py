@@ -5,6 +5,9 @@
 
   python -m latent_diffusion.main --config=configs/utkface_sr.py --workdir=workdir/utkface_sr \
       --config.mode=sample --config.sample.image=face16.png   # a 16x16 input gives 64x64
+
+--config.sample.image_guidance_scale=1 samples with the image-space guider (each step's eps pushed
+towards latents whose decoded x0, downsampled, matches the input; experiments/results/conditional).
 """
 
 from configs.utkface_restoration import restoration_config
