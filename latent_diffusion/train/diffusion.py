@@ -250,11 +250,12 @@ def sample_latents(model: LatentDenoiser, config, schedule, params, rng, raw, nu
                    batch_sharding=None, known=None, residual_fn=None) -> jax.Array:
   """Latents (num_samples, h, w, c) drawn with config.sample's sampler and guidance; `shape` (h, w, c)
   defaults to the training latents; `batch_sharding` splits the samples over devices; `known`: see
-  known_latents; `residual_fn`: see image_residual_fn (used when sample.image_guidance_scale > 0)."""
+  known_latents; `residual_fn`: see image_residual_fn; given, the sampler follows the image-space guider
+  at sample.image_guidance_scale."""
   if nulls is None:
     nulls = conditioning.null_values(config)
   model_fn = guided_model_fn(model, params, raw, config.sample.guidance_scale, nulls)
-  if residual_fn is not None and config.sample.image_guidance_scale > 0:
+  if residual_fn is not None:
     model_fn = guidance.image_guidance(model_fn, schedule, config.diffusion.parameterization, residual_fn,
                                        config.sample.image_guidance_scale)
   noise_rng, sampler_rng = jax.random.split(rng)
@@ -280,15 +281,18 @@ def known_latents(concat, mask, scale_factor) -> tuple[jax.Array, jax.Array]:
   return 1.0 - hole, concat[..., :-1] * scale_factor
 
 
+def decode_latents(autoencoder, ae_params, latents, scale_factor) -> jax.Array:
+  """Images (B, H, W, 3), unclipped, of latents in the units of the diffused latents."""
+  return autoencoder.apply({'params': ae_params}, latents / scale_factor, method=autoencoder.decode)
+
+
 def image_residual_fn(config, autoencoder, ae_params, inputs: dict, scale_factor):
   """residual_fn(x0) of the image-space guider (guidance.image_guidance) for a restoration model: the
   decoded clean estimate against what the input shows of the truth. Super-resolution: the decoded image
   downsampled to the low-resolution input's size (antialiased bicubic, the degradation of
   data.degradation='bicubic') minus that input. Inpainting: the decoded image minus the image, on the
   known pixels only (nothing of the hole enters)."""
-  def decode(x0):
-    return autoencoder.apply({'params': ae_params}, x0 / scale_factor, method=autoencoder.decode).astype(jnp.float32)
-
+  decode = lambda x0: decode_latents(autoencoder, ae_params, x0, scale_factor).astype(jnp.float32)
   if config.cond_stage.key == 'low_res':
     low_res = inputs['low_res'].astype(jnp.float32)
 
@@ -367,8 +371,7 @@ def make_sampler(model: LatentDenoiser, autoencoder, config, schedule, shape=Non
       raw = scale_encoded_concat(raw, scale_factor)
     latents = sample_latents(model, config, schedule, params, rng, raw, num_samples, num_steps, shape, nulls,
                              batch_sharding, known, residual_fn)
-    decoded = autoencoder.apply({'params': ae_params}, latents / scale_factor, method=autoencoder.decode)
-    return jnp.clip(decoded, -1.0, 1.0)
+    return jnp.clip(decode_latents(autoencoder, ae_params, latents, scale_factor), -1.0, 1.0)
 
   placement = {} if batch_sharding is None else {'out_shardings': batch_sharding}
   return jax.jit(sample, static_argnames=('num_samples', 'num_steps'), **placement)

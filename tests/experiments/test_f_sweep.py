@@ -56,13 +56,13 @@ def test_plots_draw_both_figures_from_the_records(tmp_path):
 
 @pytest.mark.slow
 def test_quick_sweep_trains_and_measures_every_factor(tmp_path):
-  results = f_sweep.run_sweep(f_sweep.QUICK, tmp_path, f_sweep.parse_args(['--out', str(tmp_path)]).data_root)
+  data_root = f_sweep.parse_args(['--out', str(tmp_path)]).data_root
+  results = f_sweep.run_sweep(f_sweep.QUICK, tmp_path, data_root)
   assert sorted(int(f) for f in results['runs']) == list(f_sweep.QUICK.factors)
   for run in results['runs'].values():
     assert len(run['fd_along_training']) == f_sweep.QUICK.diffusion_steps // f_sweep.QUICK.eval_every
     assert run['samples_per_second'] > 0 and run['diffusion']['steps_per_second'] > 0
   assert (tmp_path / 'fd_vs_steps.png').is_file() and (tmp_path / 'results.json').is_file()
-  compared = f_sweep.compare_samplers(2, f_sweep.QUICK, tmp_path, f_sweep.parse_args(['--out', str(tmp_path)]).data_root,
-                                      '', [2])
+  compared = f_sweep.compare_samplers(2, f_sweep.QUICK, tmp_path, data_root, '', [2])
   assert [(run['sampler'], run['num_steps']) for run in compared['runs']] == [('ddim', 2), ('plms', 2), ('dpm_solver', 2)]
   assert (tmp_path / 'samplers' / 'fd_vs_steps.png').is_file()
