@@ -82,17 +82,20 @@ class Evaluator:
     self.kind = config.autoencoder.kind
     self.num_codes = (count_indices(config.autoencoder.n_embed, config.autoencoder.remap or None,
                                     config.autoencoder.unknown_index) if self.kind == 'vq' else 0)
-    self._sums = jax.jit(self._batch_sums, out_shardings=sharding.replicated(self.mesh))
+    self._sums = jax.jit(self._batch_sums,
+                         out_shardings=(sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)))
 
   def _batch_sums(self, params, lpips_params, images, mask):
+    """(sums of the per-image metrics over the unmasked images, the reconstructions clipped to [-1, 1])."""
     if self.kind == 'vq':
       reconstructions, _, indices = self.model.apply({'params': params}, images)
     else:
       reconstructions = self.model.apply({'params': params}, images)[0]
+    reconstructions = jnp.clip(reconstructions, -1.0, 1.0)
     psnr, ssim = image_metrics(images, reconstructions)
     per_image = {'psnr': psnr, 'ssim': ssim}
     if self.lpips_fn is not None:
-      per_image['lpips'] = self.lpips_fn(lpips_params, images, jnp.clip(reconstructions, -1.0, 1.0))
+      per_image['lpips'] = self.lpips_fn(lpips_params, images, reconstructions)
     sums = {'count': jnp.sum(mask)}
     for name, values in per_image.items():
       sums[name] = jnp.sum(values * mask)
@@ -100,7 +103,7 @@ class Evaluator:
     if self.kind == 'vq':
       weights = jnp.broadcast_to(mask[:, None, None], indices.shape).reshape(-1)
       sums['code_counts'] = jnp.zeros((self.num_codes,), jnp.float32).at[indices.reshape(-1)].add(weights)
-    return sums
+    return sums, reconstructions
 
   def _local_batches(self):
     iterator = pipeline.make_iterator(self.data_config, batch_size=self.local_batch, seed=0, shuffle=False,
@@ -115,23 +118,22 @@ class Evaluator:
       mask[:count] = 1.0
       yield padded, mask
 
-  def reconstruction_pairs(self, params):
-    """(images, reconstructions) of this process's eval images, batch by batch, padding removed."""
-    reconstruct = jax.jit(lambda params, images: jnp.clip(self.model.apply({'params': params}, images)[0], -1, 1))
-    for images, mask in self._local_batches():
-      count = int(mask.sum())
-      yield images[:count], np.asarray(reconstruct(params, images))[:count]
-
   def _image_shape(self):
     size = self.data_config.image_size
     return (size, size, self.config.autoencoder.in_channels)
 
-  def __call__(self, params) -> dict:
-    totals = None
+  def __call__(self, params, feature_network=None) -> dict:
+    """The metrics above; with a feature network (evaluate/features.py) also {'rFID' or 'rFD-<dataset>',
+    'feature_network'} from the same reconstructions, so each eval image goes through the model once."""
+    totals, real_features, fake_features = None, [], []
     for images, mask in self._local_batches():
       batch = sharding.global_batch({'image': images, 'mask': mask}, self.mesh)
-      sums = self._sums(params, self.lpips_params, batch['image'], batch['mask'])
+      sums, reconstructions = self._sums(params, self.lpips_params, batch['image'], batch['mask'])
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+      if feature_network is not None:
+        count = int(mask.sum())
+        real_features.append(feature_network.extract(images[:count])[0])
+        fake_features.append(feature_network.extract(_process_rows(reconstructions)[:count])[0])
     totals = jax.device_get(totals)
     count = float(totals.pop('count'))
     results = {'num_images': int(count)}
@@ -144,19 +146,24 @@ class Evaluator:
       probs = np.asarray(totals['code_counts'], np.float64) / max(float(np.sum(totals['code_counts'])), 1.0)
       results['perplexity'] = float(np.exp(-np.sum(probs * np.log(probs + 1e-10))))
       results['codes_used'] = int(np.sum(probs > 0))
+    if feature_network is not None:
+      results.update(reconstruction_distance(real_features, fake_features, feature_network))
     return results
 
 
-def reconstruction_distance(evaluator: Evaluator, params, network) -> dict:
-  """{'rFID' or 'rFD-<dataset>': the Frechet distance between the eval images and their reconstructions
-  (the paper's Table 8)} through a feature network (evaluate/features.py)."""
+def _process_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, in order (the rows its local batch fed in)."""
+  shards = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
+  return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
+def reconstruction_distance(real_features, fake_features, network) -> dict:
+  """{'rFID' or 'rFD-<dataset>': the Frechet distance between the eval images' features and their
+  reconstructions' (the paper's Table 8), 'feature_network'}; each list holds this process's batches."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from latent_diffusion.evaluate import metrics  # pylint: disable=g-import-not-at-top
-  real, fake = [], []
-  for images, reconstructions in evaluator.reconstruction_pairs(params):
-    real.append(network.extract(images)[0])
-    fake.append(network.extract(reconstructions)[0])
-  real, fake = (np.asarray(multihost_utils.process_allgather(np.concatenate(f), tiled=True)) for f in (real, fake))
+  real, fake = (np.asarray(multihost_utils.process_allgather(np.concatenate(f), tiled=True))
+                for f in (real_features, fake_features))
   distance = metrics.frechet_distance(*metrics.feature_statistics(real, 'eval images'),
                                       *metrics.feature_statistics(fake, 'reconstructions'))
   return {f'r{network.distance_name}': distance, 'feature_network': network.name}
@@ -177,11 +184,12 @@ def evaluate_autoencoder(config, workdir) -> dict:
     perceptual = stage1.make_perceptual(config, required=True)
   else:
     logging.info('eval_autoencoder: LPIPS skipped (autoencoder_loss.lpips_vgg_path is not set)')
-  evaluator = Evaluator(config, model, perceptual, mesh)
-  results = evaluator(params)
+  network = None
   if config.eval.feature_network:
     from latent_diffusion.evaluate import features  # pylint: disable=g-import-not-at-top
-    results.update(reconstruction_distance(evaluator, params, features.make_feature_network(config)))
+    network = features.make_feature_network(config)
+  evaluator = Evaluator(config, model, perceptual, mesh)
+  results = evaluator(params, network)
   results['step'] = common.latest_step(workdir, stage1.STAGE)
   results['split'] = pipeline.describe(evaluator.data_config, evaluator.split_source)
   path = common.stage_dir(workdir, stage1.STAGE) / 'eval.json'

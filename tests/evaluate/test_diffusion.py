@@ -12,7 +12,9 @@ import pytest
 from latent_diffusion import main
 from latent_diffusion.data import pipeline
 from latent_diffusion.errors import ConfigError
+from latent_diffusion.evaluate import autoencoder as autoencoder_eval
 from latent_diffusion.evaluate import classifier, features, metrics
+from latent_diffusion.train import autoencoder as stage1
 from tests import tiny_config
 
 def _config(mode, classifier_path):
@@ -131,8 +133,19 @@ def test_eval_autoencoder_reports_the_reconstruction_fd_of_the_eval_images(evalu
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', metrics.FewSamplesWarning)
     main.run(config, str(workdir))
-  results = json.loads((workdir / 'autoencoder' / 'eval.json').read_text())
-  assert results['rFD-shapes16'] > 0 and results['feature_network'] == 'classifier_shapes16'
+    results = json.loads((workdir / 'autoencoder' / 'eval.json').read_text())
+    # Recomputed in one batch, apart from the evaluator's batches of 8 and 2 (the last one padded).
+    model, params = stage1.load_params(config, workdir)
+    images = next(pipeline.make_iterator(autoencoder_eval.eval_data_config(config), batch_size=10, seed=0,
+                                         shuffle=False, num_epochs=1, drop_remainder=False,
+                                         process_index=0, process_count=1))['image']
+    reconstructions = np.clip(np.asarray(model.apply({'params': params}, images)[0]), -1, 1)
+    network = features.make_feature_network(config)
+    expected = metrics.frechet_distance(*metrics.feature_statistics(network.extract(images)[0]),
+                                        *metrics.feature_statistics(network.extract(reconstructions)[0]))
+  assert results['feature_network'] == 'classifier_shapes16' and results['num_images'] == 10
+  assert expected > 0
+  np.testing.assert_allclose(results['rFD-shapes16'], expected, rtol=1e-4)
   assert 'psnr' in results
 
 
