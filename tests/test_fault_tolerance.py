@@ -33,6 +33,7 @@ def tiny(mode='train', **overrides):
   config.mode = mode
   config.autoencoder_train.checkpoint_every_steps = 100  # only the final (or preemption) save
   config.diffusion_train.checkpoint_every_steps = 100
+  config.autoencoder_train.eval_every_steps = 0  # validation is not what these tests are about
   for name, value in overrides.items():
     section, field = name.split('__')
     config[section][field] = value
@@ -102,7 +103,8 @@ def test_sigterm_saves_exits_zero_and_the_resumed_run_equals_the_uninterrupted_o
   workdir = tmp_path / 'preempted'
   process = subprocess.Popen(
       kill_loop.main_command(workdir, 'train_autoencoder', {'autoencoder_train.num_steps': 10000,
-                                                             'autoencoder_train.checkpoint_every_steps': 10000}),
+                                                             'autoencoder_train.checkpoint_every_steps': 10000,
+                                                             'autoencoder_train.eval_every_steps': 0}),
       cwd=kill_loop.REPO_ROOT, env=kill_loop.subprocess_env(), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True)
   metrics_path = workdir / 'autoencoder' / 'metrics.jsonl'
@@ -147,6 +149,7 @@ def test_eight_devices_match_one_device_and_restore_onto_one(straight, tmp_path)
   workdir = tmp_path / 'eight'
   result = run_main(workdir, 'train',
                     {'autoencoder_train.num_steps': STEPS, 'diffusion_train.num_steps': 3,
+                     'autoencoder_train.eval_every_steps': 0,
                      'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.fsdp_min_size': 4096},
                     extra_env={'XLA_FLAGS': os.environ['XLA_FLAGS'] +
                                ' --xla_force_host_platform_device_count=8'})
