@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from latent_diffusion.data import pipeline
 from latent_diffusion.errors import ConfigError
@@ -82,8 +83,9 @@ class Evaluator:
     self.kind = config.autoencoder.kind
     self.num_codes = (count_indices(config.autoencoder.n_embed, config.autoencoder.remap or None,
                                     config.autoencoder.unknown_index) if self.kind == 'vq' else 0)
-    self._sums = jax.jit(self._batch_sums,
-                         out_shardings=(sharding.replicated(self.mesh), sharding.batch_sharding(self.mesh)))
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    self._batch_spec = batch_sharding.spec
+    self._sums = jax.jit(self._batch_sums, out_shardings=(sharding.replicated(self.mesh), batch_sharding))
 
   def _batch_sums(self, params, lpips_params, images, mask):
     """(sums of the per-image metrics over the unmasked images, the reconstructions clipped to [-1, 1])."""
@@ -133,7 +135,8 @@ class Evaluator:
       if feature_network is not None:
         count = int(mask.sum())
         real_features.append(feature_network.extract(images[:count])[0])
-        fake_features.append(feature_network.extract(_process_rows(reconstructions)[:count])[0])
+        local = multihost_utils.global_array_to_host_local_array(reconstructions, self.mesh, self._batch_spec)
+        fake_features.append(feature_network.extract(np.asarray(local)[:count])[0])
     totals = jax.device_get(totals)
     count = float(totals.pop('count'))
     results = {'num_images': int(count)}
@@ -151,16 +154,9 @@ class Evaluator:
     return results
 
 
-def _process_rows(array: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded global array, in order (the rows its local batch fed in)."""
-  shards = {shard.index[0].start or 0: shard.data for shard in array.addressable_shards}
-  return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
-
-
 def reconstruction_distance(real_features, fake_features, network) -> dict:
   """{'rFID' or 'rFD-<dataset>': the Frechet distance between the eval images' features and their
   reconstructions' (the paper's Table 8), 'feature_network'}; each list holds this process's batches."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from latent_diffusion.evaluate import metrics  # pylint: disable=g-import-not-at-top
   real, fake = (np.asarray(multihost_utils.process_allgather(np.concatenate(f), tiled=True))
                 for f in (real_features, fake_features))

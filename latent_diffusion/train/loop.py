@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import chex
 import grain
 import jax
 import jax.numpy as jnp
@@ -141,7 +140,7 @@ class Checkpoints:
 
 # Leaves of one shape and dtype are stacked and reduced together, at most this many values per stack
 # (a 64 MiB float32 copy): the check then compiles to a few dozen reductions instead of one per leaf
-# (params, both Adam moments and the EMA share their shapes), about 8x faster to compile.
+# (params, both Adam moments and the EMA share their shapes); 3.2 s -> 0.4 s for the tiny stage-1 state.
 STACK_VALUES = 2**24
 
 
@@ -165,13 +164,12 @@ def _rows_finite(stacks):
           for arrays in stacks]
 
 
-def _finite_labels(tree) -> dict:
-  """Per floating leaf: 0.0 if finite everywhere, NaN otherwise (reduced on device)."""
+def _nonfinite_leaves(tree) -> list[str]:
+  """Names of the floating leaves with a NaN or Inf anywhere (reduced on device)."""
   leaves = _floating_leaves(tree)
   groups = _stack_groups(leaves)
   flags = jax.device_get(_rows_finite([tuple(leaves[name] for name in group) for group in groups]))
-  return {name: 0.0 if finite else np.nan
-          for group, row in zip(groups, flags) for name, finite in zip(group, row)}
+  return sorted(name for group, row in zip(groups, flags) for name, finite in zip(group, row) if not finite)
 
 
 def _floating_leaves(tree) -> dict:
@@ -181,14 +179,11 @@ def _floating_leaves(tree) -> dict:
 
 
 def assert_state_finite(state, step: int) -> None:
-  """chex check, reduced on device, that every parameter, optimizer moment and EMA is finite."""
-  labels = _finite_labels(state)
-  try:
-    chex.assert_tree_all_finite(labels)
-  except AssertionError:
-    bad = sorted(name for name, value in labels.items() if not np.isfinite(value))
+  """TrainingError unless every parameter, optimizer moment and EMA is finite (checked on device)."""
+  bad = _nonfinite_leaves(state)
+  if bad:
     raise TrainingError(f'refusing to save a non-finite state at step {step}: '
-                        f'{", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}') from None
+                        f'{", ".join(bad[:5])}{" ..." if len(bad) > 5 else ""}')
 
 
 def abstract_with_shardings(abstract_tree, shardings):
