@@ -114,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   # eval_conditional: samples under eval.num_images held-out conditions, measured by networks trained here.
   config.eval.classifier_path = ''  # class-conditional models: python -m latent_diffusion.evaluate.classifier --out=...
   config.eval.parser_path = ''      # text/layout/semantic models on the synthetic set: ...evaluate.shapes_parser --out=...
+  config.eval.samples_per_condition = 1  # SR/inpainting: K samples each, their mean also measured
   # Sample quality (eval_diffusion; eval_autoencoder adds rFID/rFD when a feature network is set).
   config.eval.feature_network = ''  # '' (none) | inception (FID, IS) | classifier (FD-<dataset>, IS-<dataset>)
   config.eval.inception_path = ''   # pt_inception-2015-12-05-6726825d.pth (pytorch-fid's FID Inception weights)

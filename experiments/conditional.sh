@@ -127,6 +127,8 @@ utkface_chain() {  # class-conditional (utkface64_f4's stage 1)
 # SR_EVAL_STEPS: the DDIM step counts of the super-resolution evaluation; inpainting is evaluated with
 # and without sample.keep_known_latents (the paper's masked DDIM on top of the concat condition).
 # IMAGE_GUIDANCE: the sample.image_guidance_scale values each evaluation is run with (default 0: off).
+# INPAINT_KNOWN: the sample.keep_known_latents values inpainting is evaluated with (default "False True").
+# EVAL_ARGS: more --config flags for every restoration evaluation (e.g. --config.eval.samples_per_condition=4).
 restoration_chain() {  # super-resolution and inpainting share the KL-f2 stage 1
   train restoration_ae $(( EVAL_RESERVE + 120 )) $MAIN --config=configs/utkface_sr.py --workdir="$W/utkface_sr" \
       --config.mode=train_autoencoder $AE_STEPS
@@ -136,13 +138,13 @@ restoration_chain() {  # super-resolution and inpainting share the KL-f2 stage 1
     [[ $name != utkface_sr ]] && mkdir -p "$W/$name" && cp -r "$W/utkface_sr/autoencoder" "$W/$name/"
     ( train $name $EVAL_RESERVE $MAIN --config=configs/$task.py --workdir="$W/$name" --config.mode=train_diffusion \
           $STEPS $flags
-      if [[ $task == utkface_inpaint ]]; then variants="False True"; else variants="${SR_EVAL_STEPS:-50}"; fi
+      if [[ $task == utkface_inpaint ]]; then variants="${INPAINT_KNOWN:-False True}"; else variants="${SR_EVAL_STEPS:-50}"; fi
       for variant in $variants; do for guidance in ${IMAGE_GUIDANCE:-0}; do
         if [[ $task == utkface_inpaint ]]; then extra="--config.sample.keep_known_latents=$variant"
         else extra="--config.sample.num_steps=$variant"; fi
         run ${name}_eval_${variant}_ig$guidance $MAIN --config=configs/$task.py --workdir="$W/$name" \
             --config.mode=eval_conditional --config.eval.num_images=$EVAL_N $EVAL_STEPS $flags $extra \
-            --config.sample.image_guidance_scale=$guidance
+            --config.sample.image_guidance_scale=$guidance ${EVAL_ARGS:-}
       done; done
       CLI_WORKDIR=$name cli_for $task $flags
       collect $name ) &

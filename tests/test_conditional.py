@@ -122,6 +122,22 @@ def test_conditional_model_trains_and_samples_from_command_line_conditions(task,
     face = np.asarray(Image.open(tmp_path / 'face.png')).astype(int)
     known = np.asarray(Image.open(tmp_path / 'mask.png')) == 0
     assert np.abs(samples[0].astype(int) - face)[known].max() <= 1
+  if task in ('sr', 'inpaint'):
+    check_eval_conditional_measures_the_first_sample_its_baseline_and_the_mean_of_several(task, workdir)
+
+
+def check_eval_conditional_measures_the_first_sample_its_baseline_and_the_mean_of_several(task, workdir):
+  config = conditional_config(task, 'eval_conditional')
+  config.eval.num_images, config.eval.samples_per_condition = 3, 2
+  config.sample.batch_size, config.sample.num_steps = 2, 4
+  main.run(config, str(workdir))
+  results = json.loads(next((workdir / 'diffusion').glob('eval_*.json')).read_text())
+  metric, baseline = ('psnr', 'bicubic') if task == 'sr' else ('masked_psnr', 'biharmonic')
+  assert results['num_samples'] == 3 and results['samples_per_condition'] == 2
+  for name in ('ldm', baseline, 'ldm_mean_of_2'):
+    assert np.isfinite(results[name][metric]['mean']), name
+  # Two draws of an untrained model differ, so their mean is a third set of images.
+  assert results['ldm_mean_of_2'][metric]['mean'] != results['ldm'][metric]['mean']
 
 
 def test_sample_mode_names_a_class_label_out_of_range():
@@ -142,3 +158,10 @@ def test_sample_mode_refuses_a_mask_of_another_size(tmp_path):
   config.sample.image, config.sample.mask = inputs['image'], str(tmp_path / 'small_mask.png')
   with pytest.raises(DataError, match='8x8 does not match.*16x16'):
     sample_inputs.grid_inputs(config, 2)
+
+
+def test_eval_conditional_refuses_several_samples_per_text_prompt(tmp_path):
+  config = conditional_config('text', 'eval_conditional')
+  config.eval.samples_per_condition = 2
+  with pytest.raises(ConfigError, match="samples_per_condition is 2.*not 'caption'"):
+    main.run(config, str(tmp_path))

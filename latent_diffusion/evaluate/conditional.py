@@ -12,6 +12,11 @@ with config.sample's sampler and guidance scale, then measured:
   low_res       PSNR / SSIM (and LPIPS with VGG16 weights) against the truth, beside bicubic upsampling
   masked_image  PSNR of the masked region against the truth, beside skimage's inpaint_biharmonic
 
+For super-resolution and inpainting, eval.samples_per_condition = K > 1 draws K samples per condition
+(seeds sample.seed .. sample.seed + K - 1) and also measures their pixel mean ('ldm_mean_of_K'): an
+estimate of the posterior mean, the estimate that PSNR rewards. The 'ldm' entry is always the first
+sample alone, as with K = 1.
+
 Writes <workdir>/diffusion/eval_<key>_<sampler tag>.json and a grid of the first samples.
 """
 
@@ -33,6 +38,7 @@ from latent_diffusion.train import autoencoder as stage1
 from latent_diffusion.train import common, conditioning, diffusion, sharding
 
 GRID_SAMPLES = 16
+RESTORATION_KEYS = ('low_res', 'masked_image')
 
 
 def masked_psnr(images, truth, mask) -> np.ndarray:
@@ -104,10 +110,8 @@ def measure(config, key: str, samples: np.ndarray, batch: dict) -> dict:
   truth = batch['image']
   if key == 'low_res':
     bicubic = bicubic_upsample(batch['low_res'], truth.shape[1:3])
-    results = {}
-    for name, images in (('ldm', samples), ('bicubic', bicubic)):
-      psnr, ssim = (np.asarray(v) for v in image_metrics(jnp.asarray(truth), jnp.asarray(images)))
-      results[name] = {'psnr': _summary(psnr), 'ssim': _summary(ssim)}
+    results = {name: restoration_scores(key, images, batch)
+               for name, images in (('ldm', samples), ('bicubic', bicubic))}
     lpips = _lpips(config, truth, {'ldm': samples, 'bicubic': bicubic})
     for name, value in lpips.items():
       results[name]['lpips'] = value
@@ -117,10 +121,19 @@ def measure(config, key: str, samples: np.ndarray, batch: dict) -> dict:
     return results
   if key == 'masked_image':
     baseline = biharmonic_inpaint(truth, batch['mask'])
-    return {'ldm': {'masked_psnr': _summary(masked_psnr(samples, truth, batch['mask']))},
-            'biharmonic': {'masked_psnr': _summary(masked_psnr(baseline, truth, batch['mask']))},
+    return {'ldm': restoration_scores(key, samples, batch),
+            'biharmonic': restoration_scores(key, baseline, batch),
             'mask_coverage': float(np.mean(batch['mask']))}
   raise ConfigError(f'eval_conditional: cond_stage.key {key!r} has no adherence measure')
+
+
+def restoration_scores(key: str, images: np.ndarray, batch: dict) -> dict:
+  """PSNR and SSIM (super-resolution) or masked-region PSNR (inpainting) of images against batch['image']."""
+  truth = batch['image']
+  if key == 'low_res':
+    psnr, ssim = (np.asarray(v) for v in image_metrics(jnp.asarray(truth), jnp.asarray(images)))
+    return {'psnr': _summary(psnr), 'ssim': _summary(ssim)}
+  return {'masked_psnr': _summary(masked_psnr(images, truth, batch['mask']))}
 
 
 def _lpips(config, truth, candidates: dict) -> dict:
@@ -147,6 +160,10 @@ def evaluate_conditional(config, workdir) -> dict:
   if not key:
     raise ConfigError('eval_conditional: the model is unconditional (diffusion.conditioning_key is empty)')
   count = config.eval.num_images
+  repeats = config.eval.samples_per_condition
+  if repeats < 1 or (repeats > 1 and key not in RESTORATION_KEYS):
+    raise ConfigError(f'eval.samples_per_condition is {repeats}: it must be >= 1, and can be more than 1 only for '
+                      f'super-resolution and inpainting (cond_stage.key low_res or masked_image), not {key!r}')
   mesh = sharding.make_mesh(config.mesh)
   autoencoder, ae_params = stage1.load_params(config, workdir, mesh)
   model, params, scale_factor, step = sample_mode.restore_denoiser(config, workdir, mesh)
@@ -155,13 +172,17 @@ def evaluate_conditional(config, workdir) -> dict:
   sampler = diffusion.make_sampler(model, autoencoder, config, diffusion.schedule_from_config(config),
                                    tokenizer=tokenizer)
   start = time.time()
-  samples = sample_mode.draw_samples(config, sampler, params, ae_params, scale_factor, inputs, count,
-                                     config.sample.seed)
+  draws = [sample_inputs.composite(config, sample_mode.draw_samples(
+      config, sampler, params, ae_params, scale_factor, inputs, count, config.sample.seed + index), batch)
+           for index in range(repeats)]
   seconds = time.time() - start
-  samples = sample_inputs.composite(config, samples, batch)
-  results = {'task': key, 'step': int(step), 'num_samples': count, 'sampler': diffusion.sampler_tag(config),
+  samples = draws[0]
+  results = {'task': key, 'step': int(step), 'num_samples': count, 'samples_per_condition': repeats,
+             'sampler': diffusion.sampler_tag(config),
              'guidance_scale': config.sample.guidance_scale, 'sampling_seconds': round(seconds, 1),
              **measure(config, key, samples, batch)}
+  if repeats > 1:
+    results[f'ldm_mean_of_{repeats}'] = restoration_scores(key, np.mean(draws, axis=0), batch)
   directory = common.stage_dir(workdir, diffusion.STAGE)
   name = f'eval_{key}_{diffusion.sampler_tag(config)}'
   if jax.process_index() == 0:
