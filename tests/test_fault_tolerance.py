@@ -135,6 +135,55 @@ def test_sigterm_saves_exits_zero_and_the_resumed_run_equals_the_uninterrupted_o
   assert sorted(resumed_metrics) == list(range(1, final_step + 1))
 
 
+def other_processes_of_group(group: int) -> list[int]:
+  """The pids in process group `group` other than its leader (Linux /proc)."""
+  pids = []
+  for stat in Path('/proc').glob('[0-9]*/stat'):
+    try:
+      fields = stat.read_text().rsplit(')', 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+    except OSError:  # the process has gone
+      continue
+    pid = int(stat.parent.name)
+    if int(fields[2]) == group and pid != group:
+      pids.append(pid)
+  return pids
+
+
+@pytest.mark.skipif(not Path('/proc/self/stat').exists(), reason='reads process groups from /proc (Linux)')
+def test_sigterm_to_the_grain_workers_too_still_saves_and_resumes(tmp_path):
+  """A cluster's preemption signals every process of the job, the data workers too, in no set order.
+  The workers are signalled first here, two seconds before the main process: it must keep getting
+  batches up to the agreed step, save, and exit 0."""
+  workdir = tmp_path / 'preempted'
+  overrides = {'autoencoder_train.num_steps': 10000, 'autoencoder_train.checkpoint_every_steps': 10000,
+               'autoencoder_train.eval_every_steps': 0, 'data.worker_count': 2}
+  process = subprocess.Popen(kill_loop.main_command(workdir, 'train_autoencoder', overrides),
+                             cwd=kill_loop.REPO_ROOT, env=kill_loop.subprocess_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+  metrics_path = workdir / 'autoencoder' / 'metrics.jsonl'
+  deadline = time.time() + 600
+  while kill_loop.logged_steps(metrics_path) < 2 and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  assert process.poll() is None, process.communicate()[1][-3000:]
+  workers = other_processes_of_group(process.pid)
+  assert len(workers) >= 2  # the grain workers (and multiprocessing's resource tracker)
+  for pid in workers:
+    os.kill(pid, signal.SIGTERM)
+  time.sleep(2)
+  os.kill(process.pid, signal.SIGTERM)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'preempted; saved a checkpoint at step' in stderr
+  checkpoints = common.stage_checkpoints(workdir, 'autoencoder')
+  saved_step = checkpoints.latest_step()
+  checkpoints.close()
+  assert saved_step is not None and 2 <= saved_step < 10000
+  assert max(metrics(workdir, 'autoencoder')) == saved_step
+
+  run_main(workdir, 'train_autoencoder', {**overrides, 'autoencoder_train.num_steps': saved_step + 2})
+  assert sorted(metrics(workdir, 'autoencoder')) == list(range(1, saved_step + 3))
+
+
 def test_sigkill_at_random_moments_never_leaves_a_checkpoint_that_fails_to_restore(tmp_path):
   """The short loop; tests/kill_loop.py --kills=30 is the long one."""
   result = kill_loop.kill_loop(tmp_path / 'killed', kills=2, seed=1, max_delay=4.0)

@@ -20,10 +20,15 @@ grain.checkpoint.CheckpointSave/CheckpointRestore) yields the same batches as an
 uninterrupted run, and each epoch is shuffled and augmented differently. The
 state's layout depends on data.worker_count (0 or not): restore with the same
 setting it was saved with.
+
+Worker processes (data.worker_count > 0) ignore SIGTERM: a cluster's preemption
+signals every process of the job, and the main process still needs batches up to
+the step it saves at. grain stops the workers when the iterator closes.
 """
 
 import os
 import re
+import signal
 
 from absl import flags
 from absl import logging
@@ -291,6 +296,12 @@ def _ensure_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
+def _ignore_sigterm(worker_index, worker_count):
+  """grain worker_init_fn: leave the preemption signal to the main process."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_dataset(data_config, *, batch_size, seed, shuffle=True,
                  num_epochs=None, process_index=None, process_count=None,
                  drop_remainder=True, source=None):
@@ -354,7 +365,8 @@ def make_dataset(data_config, *, batch_size, seed, shuffle=True,
   if data_config.worker_count > 0:
     _ensure_flags_parsed()
     iter_ds = iter_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=data_config.worker_count))
+        grain.MultiprocessingOptions(num_workers=data_config.worker_count),
+        worker_init_fn=_ignore_sigterm)
   return iter_ds
 
 
