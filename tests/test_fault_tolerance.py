@@ -99,20 +99,21 @@ def test_stopping_and_resuming_is_bitwise_equal_to_training_straight(straight, t
   assert metrics(workdir, stage) == metrics(straight, stage)  # every logged value of every step
 
 
-def test_sigterm_saves_exits_zero_and_the_resumed_run_equals_the_uninterrupted_one(straight, tmp_path):
-  workdir = tmp_path / 'preempted'
-  process = subprocess.Popen(
-      kill_loop.main_command(workdir, 'train_autoencoder', {'autoencoder_train.num_steps': 10000,
-                                                             'autoencoder_train.checkpoint_every_steps': 10000,
-                                                             'autoencoder_train.eval_every_steps': 0}),
-      cwd=kill_loop.REPO_ROOT, env=kill_loop.subprocess_env(), stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
+def start_training(workdir, overrides, logged_steps, **popen_args):
+  """`python -m latent_diffusion.main` training stage 1 in a subprocess, once it has logged `logged_steps`."""
+  process = subprocess.Popen(kill_loop.main_command(workdir, 'train_autoencoder', overrides),
+                             cwd=kill_loop.REPO_ROOT, env=kill_loop.subprocess_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, **popen_args)
   metrics_path = workdir / 'autoencoder' / 'metrics.jsonl'
   deadline = time.time() + 600
-  while kill_loop.logged_steps(metrics_path) < 1 and process.poll() is None and time.time() < deadline:
+  while kill_loop.logged_steps(metrics_path) < logged_steps and process.poll() is None and time.time() < deadline:
     time.sleep(0.02)
   assert process.poll() is None, process.communicate()[1][-3000:]
-  process.send_signal(signal.SIGTERM)
+  return process
+
+
+def saved_on_preemption(process, workdir) -> int:
+  """The step a signalled training process saved at: it exits 0, says so, and ran no step past it."""
   _, stderr = process.communicate(timeout=300)
   assert process.returncode == 0, stderr[-3000:]
   assert 'preempted; saved a checkpoint at step' in stderr
@@ -121,6 +122,16 @@ def test_sigterm_saves_exits_zero_and_the_resumed_run_equals_the_uninterrupted_o
   checkpoints.close()
   assert saved_step is not None and 1 <= saved_step < 10000  # saved on SIGTERM, not by schedule
   assert max(metrics(workdir, 'autoencoder')) == saved_step  # no step ran past the save
+  return saved_step
+
+
+def test_sigterm_saves_exits_zero_and_the_resumed_run_equals_the_uninterrupted_one(straight, tmp_path):
+  workdir = tmp_path / 'preempted'
+  process = start_training(workdir, {'autoencoder_train.num_steps': 10000,
+                                     'autoencoder_train.checkpoint_every_steps': 10000,
+                                     'autoencoder_train.eval_every_steps': 0}, logged_steps=1)
+  process.send_signal(signal.SIGTERM)
+  saved_step = saved_on_preemption(process, workdir)
 
   # Resume past the preemption; compare with a run that was never interrupted.
   final_step = max(STEPS, saved_step + 1)
@@ -157,28 +168,15 @@ def test_sigterm_to_the_grain_workers_too_still_saves_and_resumes(tmp_path):
   workdir = tmp_path / 'preempted'
   overrides = {'autoencoder_train.num_steps': 10000, 'autoencoder_train.checkpoint_every_steps': 10000,
                'autoencoder_train.eval_every_steps': 0, 'data.worker_count': 2}
-  process = subprocess.Popen(kill_loop.main_command(workdir, 'train_autoencoder', overrides),
-                             cwd=kill_loop.REPO_ROOT, env=kill_loop.subprocess_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-  metrics_path = workdir / 'autoencoder' / 'metrics.jsonl'
-  deadline = time.time() + 600
-  while kill_loop.logged_steps(metrics_path) < 2 and process.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  assert process.poll() is None, process.communicate()[1][-3000:]
+  process = start_training(workdir, overrides, logged_steps=2, start_new_session=True)
   workers = other_processes_of_group(process.pid)
   assert len(workers) >= 2  # the grain workers (and multiprocessing's resource tracker)
   for pid in workers:
     os.kill(pid, signal.SIGTERM)
   time.sleep(2)
   os.kill(process.pid, signal.SIGTERM)
-  _, stderr = process.communicate(timeout=300)
-  assert process.returncode == 0, stderr[-3000:]
-  assert 'preempted; saved a checkpoint at step' in stderr
-  checkpoints = common.stage_checkpoints(workdir, 'autoencoder')
-  saved_step = checkpoints.latest_step()
-  checkpoints.close()
-  assert saved_step is not None and 2 <= saved_step < 10000
-  assert max(metrics(workdir, 'autoencoder')) == saved_step
+  saved_step = saved_on_preemption(process, workdir)
+  assert saved_step >= 2
 
   run_main(workdir, 'train_autoencoder', {**overrides, 'autoencoder_train.num_steps': saved_step + 2})
   assert sorted(metrics(workdir, 'autoencoder')) == list(range(1, saved_step + 3))
