@@ -6,17 +6,20 @@
 # DDIM-50 (eta 0), 4 samples per face (the first alone, and the mean of the 4), without and with the
 # image-space guider.
 #   files: .whl/ (grain, array_record, portpicker, ml_collections, dm_pix wheels), .device_data/utkface64
+#   RESTORATION_TASKS (default "utkface_sr utkface_inpaint"), IMAGE_GUIDANCE (default "0 1") and WORKERS
+#   (grain workers per model, default 7) pick a smaller run, e.g. inpainting alone:
+#   RESTORATION_TASKS=utkface_inpaint IMAGE_GUIDANCE=0 WORKERS=14 DEADLINE=505 bash .../run.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 PYTHON=python3 LDM_DATA=.device_data WORKDIRS=/tmp/w
 nvidia-smi -L; nproc; python3 -c "import jax, grain, ml_collections, dm_pix, skimage, latent_diffusion.main, latent_diffusion.evaluate.conditional, latent_diffusion.train.diffusion; print(jax.__version__, jax.devices())" || exit 1
 mkdir -p $OUT/o/logs
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 > $OUT/o/logs/gpu.csv 2>&1 &
-CHAINS=restoration RESTORATION_TASKS="utkface_sr utkface_inpaint" SR_EVAL_STEPS=50 INPAINT_KNOWN=True \
-IMAGE_GUIDANCE="0 1" EVAL_ARGS="--config.eval.samples_per_condition=4" \
+CHAINS=restoration RESTORATION_TASKS="${RESTORATION_TASKS:-utkface_sr utkface_inpaint}" SR_EVAL_STEPS=50 INPAINT_KNOWN=True \
+IMAGE_GUIDANCE="${IMAGE_GUIDANCE:-0 1}" EVAL_ARGS="--config.eval.samples_per_condition=4" \
 EVAL_N=256 EVAL_BATCH=256 EVAL_RESERVE=${EVAL_RESERVE:-170} \
 TRAIN_ARGS="--config.diffusion_train.batch_size=64 --config.diffusion_train.num_steps=100000 \
 --config.diffusion_train.learning_rate=3e-4 --config.diffusion_train.checkpoint_every_steps=5000 \
---config.diffusion_train.sample_every_steps=1000000 --config.dtype=bfloat16 --config.data.worker_count=7" \
+--config.diffusion_train.sample_every_steps=1000000 --config.dtype=bfloat16 --config.data.worker_count=${WORKERS:-7}" \
   bash experiments/conditional.sh $OUT/o ${DEADLINE:-505}
 kill %1 2>/dev/null
 for t in /tmp/w/*/; do n=$(basename $t); cp $t/diffusion/metrics.jsonl $OUT/o/logs/${n}_metrics.jsonl 2>/dev/null;
