@@ -7,6 +7,7 @@ persistent compilation cache set in conftest.py, so they run the same compiled p
 results can be compared bit for bit.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -155,16 +156,17 @@ def other_processes_of_group(group: int) -> list[int]:
     except OSError:  # the process has gone
       continue
     pid = int(stat.parent.name)
-    if int(fields[2]) == group and pid != group:
+    if int(fields[2]) == group and pid != group and fields[0] != 'Z':  # zombies have exited
       pids.append(pid)
   return pids
 
 
 @pytest.mark.skipif(not Path('/proc/self/stat').exists(), reason='reads process groups from /proc (Linux)')
-def test_sigterm_to_the_grain_workers_too_still_saves_and_resumes(tmp_path):
+def test_sigterm_to_the_grain_workers_too_still_saves_and_resumes_and_sigkill_leaves_no_worker(tmp_path):
   """A cluster's preemption signals every process of the job, the data workers too, in no set order.
   The workers are signalled first here, two seconds before the main process: it must keep getting
-  batches up to the agreed step, save, and exit 0."""
+  batches up to the agreed step, save, and exit 0. The resumed run is then killed outright: its
+  workers must die with it."""
   workdir = tmp_path / 'preempted'
   overrides = {'autoencoder_train.num_steps': 10000, 'autoencoder_train.checkpoint_every_steps': 10000,
                'autoencoder_train.eval_every_steps': 0, 'data.worker_count': 2}
@@ -178,8 +180,17 @@ def test_sigterm_to_the_grain_workers_too_still_saves_and_resumes(tmp_path):
   saved_step = saved_on_preemption(process, workdir)
   assert saved_step >= 2
 
-  run_main(workdir, 'train_autoencoder', {**overrides, 'autoencoder_train.num_steps': saved_step + 2})
-  assert sorted(metrics(workdir, 'autoencoder')) == list(range(1, saved_step + 3))
+  resumed = start_training(workdir, overrides, logged_steps=saved_step + 1, start_new_session=True)
+  assert len(other_processes_of_group(resumed.pid)) >= 2
+  resumed.kill()
+  resumed.communicate(timeout=60)
+  lines = (workdir / 'autoencoder' / 'metrics.jsonl').read_text().splitlines()
+  steps = sorted({json.loads(line)['step'] for line in lines if line.endswith('}')})  # whole lines
+  assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > saved_step  # resumed where it stopped
+  deadline = time.time() + 30
+  while other_processes_of_group(resumed.pid) and time.time() < deadline:
+    time.sleep(0.1)
+  assert not other_processes_of_group(resumed.pid)
 
 
 def test_sigkill_at_random_moments_never_leaves_a_checkpoint_that_fails_to_restore(tmp_path):

@@ -23,12 +23,17 @@ setting it was saved with.
 
 Worker processes (data.worker_count > 0) ignore SIGTERM: a cluster's preemption
 signals every process of the job, and the main process still needs batches up to
-the step it saves at. grain stops the workers when the iterator closes.
+the step it saves at. grain stops the workers when the iterator closes; on Linux
+they are also killed when the main process dies (even by SIGKILL), so none is
+left behind.
 """
 
+import ctypes
+import functools
 import os
 import re
 import signal
+import sys
 
 from absl import flags
 from absl import logging
@@ -296,10 +301,21 @@ def _ensure_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def _ignore_sigterm(worker_index, worker_count):
-  """grain worker_init_fn: leave the preemption signal to the main process."""
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _init_worker(worker_index, worker_count, *, main_pid):
+  """grain worker_init_fn: leave the preemption signal to the main process, and die with it.
+
+  The worker is spawned by the main process's main thread (the first next() of the iterator), so
+  the parent-death signal fires only when the main process exits.
+  """
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  if sys.platform.startswith('linux'):
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != main_pid:  # the main process died before the line above
+      os._exit(1)
 
 
 def make_dataset(data_config, *, batch_size, seed, shuffle=True,
@@ -366,7 +382,7 @@ def make_dataset(data_config, *, batch_size, seed, shuffle=True,
     _ensure_flags_parsed()
     iter_ds = iter_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=data_config.worker_count),
-        worker_init_fn=_ignore_sigterm)
+        worker_init_fn=functools.partial(_init_worker, main_pid=os.getpid()))
   return iter_ds
 
 
