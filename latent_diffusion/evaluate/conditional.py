@@ -38,7 +38,6 @@ from latent_diffusion.train import autoencoder as stage1
 from latent_diffusion.train import common, conditioning, diffusion, sharding
 
 GRID_SAMPLES = 16
-RESTORATION_KEYS = ('low_res', 'masked_image')
 
 
 def masked_psnr(images, truth, mask) -> np.ndarray:
@@ -161,7 +160,7 @@ def evaluate_conditional(config, workdir) -> dict:
     raise ConfigError('eval_conditional: the model is unconditional (diffusion.conditioning_key is empty)')
   count = config.eval.num_images
   repeats = config.eval.samples_per_condition
-  if repeats < 1 or (repeats > 1 and key not in RESTORATION_KEYS):
+  if repeats < 1 or (repeats > 1 and key not in conditioning.RESTORATION_KEYS):
     raise ConfigError(f'eval.samples_per_condition is {repeats}: it must be >= 1, and can be more than 1 only for '
                       f'super-resolution and inpainting (cond_stage.key low_res or masked_image), not {key!r}')
   mesh = sharding.make_mesh(config.mesh)

@@ -25,6 +25,7 @@ from latent_diffusion.errors import ConfigError
 from latent_diffusion.models import autoencoder as autoencoder_model
 
 COND_KEYS = ('label', 'caption', 'layout', 'segmentation', 'low_res', 'masked_image')
+RESTORATION_KEYS = ('low_res', 'masked_image')  # super-resolution, inpainting: conditions made from the image
 COND_STAGES = ('', 'class', 'transformer', 'spatial_rescaler', 'first_stage', 'identity')
 # The raw condition each cond_stage.key becomes, and the batch fields it is made from.
 RAW_NAME = {'label': 'label', 'caption': 'tokens', 'layout': 'tokens', 'segmentation': 'segmentation',

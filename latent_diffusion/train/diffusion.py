@@ -344,7 +344,7 @@ def device_conditions(config, autoencoder, ae_params, batch: dict, latent_hw) ->
   raw = {name: batch[name] for name in conditioning.raw_names(config) if name != 'concat'}
   if 'concat' in conditioning.raw_names(config):
     raw['concat'] = (concat_from_pixels(config, autoencoder, ae_params, batch, latent_hw)
-                     if config.cond_stage.key in ('low_res', 'masked_image') else batch['concat'])
+                     if config.cond_stage.key in conditioning.RESTORATION_KEYS else batch['concat'])
   return raw
 
 

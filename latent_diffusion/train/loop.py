@@ -140,7 +140,8 @@ class Checkpoints:
 
 # Leaves of one shape and dtype are stacked and reduced together, at most this many values per stack
 # (a 64 MiB float32 copy): the check then compiles to a few dozen reductions instead of one per leaf
-# (params, both Adam moments and the EMA share their shapes); 3.2 s -> 0.4 s for the tiny stage-1 state.
+# (params, both Adam moments and the EMA share their shapes). The first call for the tiny stage-1 state
+# went from 3.88 s to 0.72 s on a 2-core CPU.
 STACK_VALUES = 2**24
 
 
