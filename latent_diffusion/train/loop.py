@@ -200,6 +200,18 @@ def restore_or_create(checkpoints: Checkpoints, abstract, shardings, create: Cal
   return jax.jit(create, out_shardings=shardings)(rng), False
 
 
+def drop_torn_last_line(path: Path) -> None:
+  """Cut a last line that a killed run left without its newline: the next run appends whole lines
+  after it, and a torn record would otherwise merge with the first of them into one unreadable line."""
+  try:
+    with open(path, 'rb+') as f:
+      data = f.read()
+      if data and not data.endswith(b'\n'):
+        f.truncate(data.rfind(b'\n') + 1)
+  except FileNotFoundError:
+    pass
+
+
 class Progress:
   """Progress lines with steps/s and ETA; scalar averages written every `every` steps to the
   TensorBoard writer and, on process 0, appended as one JSON line each to `metrics_path`."""
@@ -208,6 +220,8 @@ class Progress:
                metrics_path: Path | None = None):
     self.name, self.writer, self.total_steps, self.every = name, writer, total_steps, every
     self.metrics_path = metrics_path if jax.process_index() == 0 else None
+    if self.metrics_path is not None:
+      drop_torn_last_line(self.metrics_path)
     self.sums, self.count = None, 0
     self.last_time, self.last_step = time.perf_counter(), start_step
 
