@@ -50,7 +50,8 @@ def train_step_program(config, batch: int):
   moments): the stage-2 training step as the training loop runs it."""
   model = diffusion.build_denoiser(config)
   tx = diffusion.make_optimizer(config.diffusion_train)
-  state = jax.jit(functools.partial(diffusion.create_state, model, config, tx=tx))(jax.random.PRNGKey(0))
+  params = timing.random_params(functools.partial(diffusion.init_params, model, config), jax.random.PRNGKey(0))
+  state = diffusion.state_from_params(params, tx, jax.random.PRNGKey(1))  # nothing to compile but the step
   step_fn = jax.jit(functools.partial(
       diffusion.train_step, model=model, tx=tx, schedule=diffusion.schedule_from_config(config),
       objective=diffusion.Objective.from_config(config), base_ema_decay=config.diffusion_train.ema_decay,

@@ -126,27 +126,6 @@ def saved_on_preemption(process, workdir) -> int:
   return saved_step
 
 
-def test_sigterm_saves_exits_zero_and_the_resumed_run_equals_the_uninterrupted_one(straight, tmp_path):
-  workdir = tmp_path / 'preempted'
-  process = start_training(workdir, {'autoencoder_train.num_steps': 10000,
-                                     'autoencoder_train.checkpoint_every_steps': 10000,
-                                     'autoencoder_train.eval_every_steps': 0}, logged_steps=1)
-  process.send_signal(signal.SIGTERM)
-  saved_step = saved_on_preemption(process, workdir)
-
-  # Resume past the preemption; compare with a run that was never interrupted.
-  final_step = max(STEPS, saved_step + 1)
-  reference = straight
-  if final_step > STEPS:  # the notice took unusually long to agree on: train a longer reference
-    reference = tmp_path / 'uninterrupted'
-    main.run(tiny('train_autoencoder', autoencoder_train__num_steps=final_step), str(reference))
-  main.run(tiny('train_autoencoder', autoencoder_train__num_steps=final_step), str(workdir))
-  assert_bitwise_equal(final_state(workdir, 'autoencoder'), final_state(reference, 'autoencoder'))
-  resumed_metrics, reference_metrics = metrics(workdir, 'autoencoder'), metrics(reference, 'autoencoder')
-  assert resumed_metrics == {step: reference_metrics[step] for step in resumed_metrics}
-  assert sorted(resumed_metrics) == list(range(1, final_step + 1))
-
-
 def other_processes_of_group(group: int) -> list[int]:
   """The pids in process group `group` other than its leader (Linux /proc)."""
   pids = []
@@ -162,11 +141,12 @@ def other_processes_of_group(group: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path('/proc/self/stat').exists(), reason='reads process groups from /proc (Linux)')
-def test_sigterm_to_the_grain_workers_too_still_saves_and_resumes_and_sigkill_leaves_no_worker(tmp_path):
+def test_sigterm_to_every_process_saves_then_resumes_as_if_uninterrupted_and_sigkill_leaves_no_worker(
+    straight, tmp_path):
   """A cluster's preemption signals every process of the job, the data workers too, in no set order.
   The workers are signalled first here, two seconds before the main process: it must keep getting
-  batches up to the agreed step, save, and exit 0. The resumed run is then killed outright: its
-  workers must die with it."""
+  batches up to the agreed step, save, and exit 0. A resumed run is then killed outright: its workers
+  must die with it. Resuming once more, to the end, gives what a run never interrupted gives."""
   workdir = tmp_path / 'preempted'
   overrides = {'autoencoder_train.num_steps': 10000, 'autoencoder_train.checkpoint_every_steps': 10000,
                'autoencoder_train.eval_every_steps': 0, 'data.worker_count': 2}
@@ -180,17 +160,30 @@ def test_sigterm_to_the_grain_workers_too_still_saves_and_resumes_and_sigkill_le
   saved_step = saved_on_preemption(process, workdir)
   assert saved_step >= 2
 
-  resumed = start_training(workdir, overrides, logged_steps=saved_step + 1, start_new_session=True)
-  assert len(other_processes_of_group(resumed.pid)) >= 2
-  resumed.kill()
-  resumed.communicate(timeout=60)
+  killed = start_training(workdir, overrides, logged_steps=saved_step + 1, start_new_session=True)
+  assert len(other_processes_of_group(killed.pid)) >= 2
+  killed.kill()
+  killed.communicate(timeout=60)
   lines = (workdir / 'autoencoder' / 'metrics.jsonl').read_text().splitlines()
   steps = sorted({json.loads(line)['step'] for line in lines if line.endswith('}')})  # whole lines
   assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > saved_step  # resumed where it stopped
   deadline = time.time() + 30
-  while other_processes_of_group(resumed.pid) and time.time() < deadline:
+  while other_processes_of_group(killed.pid) and time.time() < deadline:
     time.sleep(0.1)
-  assert not other_processes_of_group(resumed.pid)
+  assert not other_processes_of_group(killed.pid)
+
+  # The killed run saved nothing: this one resumes from the preemption's checkpoint, past it, and is
+  # compared with a run that was never interrupted (the workers give the in-process batches).
+  final_step = max(STEPS, saved_step + 1)
+  reference = straight
+  if final_step > STEPS:  # the notice took unusually long to agree on: train a longer reference
+    reference = tmp_path / 'uninterrupted'
+    main.run(tiny('train_autoencoder', autoencoder_train__num_steps=final_step), str(reference))
+  main.run(tiny('train_autoencoder', autoencoder_train__num_steps=final_step, data__worker_count=2), str(workdir))
+  assert_bitwise_equal(final_state(workdir, 'autoencoder'), final_state(reference, 'autoencoder'))
+  resumed_metrics, reference_metrics = metrics(workdir, 'autoencoder'), metrics(reference, 'autoencoder')
+  assert resumed_metrics == {step: reference_metrics[step] for step in resumed_metrics}
+  assert sorted(resumed_metrics) == list(range(1, final_step + 1))
 
 
 def test_sigkill_at_random_moments_never_leaves_a_checkpoint_that_fails_to_restore(tmp_path):

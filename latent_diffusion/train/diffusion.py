@@ -201,8 +201,12 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, objective
 
 def create_state(model, config, rng, tx) -> TrainState:
   init_rng, state_rng = jax.random.split(rng)
-  return TrainState.create(init_params(model, config, init_rng), tx,
-                           state_rng, ema=True, extras={'scale_factor': jnp.ones((), jnp.float32)})
+  return state_from_params(init_params(model, config, init_rng), tx, state_rng)
+
+
+def state_from_params(params, tx, rng) -> TrainState:
+  """A step-0 state around given parameters: fresh optimizer state, EMA = params, scale_factor 1."""
+  return TrainState.create(params, tx, rng, ema=True, extras={'scale_factor': jnp.ones((), jnp.float32)})
 
 
 def scale_factor_from_moments(moments, rng, autoencoder_kind='kl') -> jax.Array:

@@ -12,6 +12,7 @@ import pytest
 from configs import base
 from latent_diffusion.train import autoencoder as stage1
 from latent_diffusion.train import autoencoder_loss, common
+from latent_diffusion.train.state import TrainState
 
 
 def tiny_config(kind='kl'):
@@ -38,11 +39,19 @@ def images(seed=0, batch=2):
   return jax.random.uniform(jax.random.PRNGKey(seed), (batch, 16, 16, 3), minval=-1, maxval=1)
 
 
-def fresh_state(config, tx=None):
+def fresh_state(config, make_random_params, tx=None):
+  """(model, discriminator, tx, state) with random parameters: compiling the initialisers would take
+  longer than the tests that use the state. logvar starts at logvar_init, batch statistics at 0 / 1."""
   model, discriminator = stage1.build_autoencoder(config), stage1.build_discriminator(config)
   tx = tx or stage1.make_optimizer(config)
-  state = jax.jit(functools.partial(stage1.create_state, model, discriminator, config, tx=tx))(
-      jax.random.PRNGKey(0))
+  abstract = jax.eval_shape(functools.partial(stage1.create_state, model, discriminator, config, tx=tx),
+                            jax.random.PRNGKey(0))
+  params = jax.tree.map(jnp.asarray, make_random_params(abstract.params))
+  params['logvar'] = jnp.full((), config.autoencoder_loss.logvar_init, jnp.float32)
+  statistics = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.full(leaf.shape, 1.0 if path[-1].key == 'var' else 0.0, leaf.dtype),
+      abstract.extras['discriminator_state'])
+  state = TrainState.create(params, tx, jax.random.PRNGKey(0), extras={'discriminator_state': statistics})
   return model, discriminator, tx, state
 
 
@@ -52,14 +61,14 @@ def fake_perceptual(x, y):
 
 
 @pytest.fixture(scope='module')
-def kl_objective():
+def kl_objective(make_random_params):
   """The kl objective (with a perceptual term and logvar 0.3) compiled once, step as an argument."""
   config = tiny_config('kl')
   loss_config = config.autoencoder_loss
   with config.unlocked():
     loss_config.perceptual_weight = 0.5
     loss_config.logvar_init = 0.3
-  model, discriminator, _, state = fresh_state(config)
+  model, discriminator, _, state = fresh_state(config, make_random_params)
   x = images(batch=4)
   forward = stage1._forward(model, 'kl', x, jax.random.PRNGKey(5), deterministic=True)  # pylint: disable=protected-access
   disc_apply = stage1._disc_apply(discriminator)  # pylint: disable=protected-access
@@ -145,10 +154,10 @@ def compiled_step(config, model, discriminator, tx):
 
 
 @pytest.fixture(scope='module')
-def vq_state_and_step():
+def vq_state_and_step(make_random_params):
   """One compiled VQ step (GAN from step 3 on) shared by the step tests."""
   config = tiny_config('vq')
-  model, discriminator, tx, state = fresh_state(config)
+  model, discriminator, tx, state = fresh_state(config, make_random_params)
   return state, compiled_step(config, model, discriminator, tx)
 
 
@@ -201,7 +210,7 @@ def test_logvar_is_frozen_unless_learn_logvar():
     assert np.all(np.asarray(updates['discriminator']['w']) != 0)
 
 
-def test_accumulating_two_steps_applies_one_update_of_the_averaged_gradients():
+def test_accumulating_two_steps_applies_one_update_of_the_averaged_gradients(make_random_params):
   """With SGD, so that the comparison is linear; before disc_start, so only the autoencoder moves."""
   config = tiny_config('kl')
   with config.unlocked():
@@ -211,7 +220,7 @@ def test_accumulating_two_steps_applies_one_update_of_the_averaged_gradients():
                                                         'logvar': jnp.zeros(())}),
                     optax.MultiStepsState)  # the stage's Adams are wrapped too
   tx = common.accumulate_gradients(optax.sgd(0.1), config.autoencoder_train)
-  model, discriminator, tx, state = fresh_state(config, tx)
+  model, discriminator, tx, state = fresh_state(config, make_random_params, tx)
   step = compiled_step(config, model, discriminator, tx)
   first, _ = step(state, {'image': images(seed=1, batch=2)})
   jax.tree.map(np.testing.assert_array_equal, first.params, state.params)  # only accumulated

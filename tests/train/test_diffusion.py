@@ -69,8 +69,7 @@ def make_step(config, make_random_params, seed=0):
   params = jax.tree.map(jnp.asarray, make_random_params(abstract.params, seed))
   if config.diffusion.learn_logvar:
     params['logvar'] = jnp.full_like(params['logvar'], config.diffusion.logvar_init)
-  state = TrainState.create(params, tx, jax.random.PRNGKey(0), ema=True,
-                            extras={'scale_factor': jnp.ones((), jnp.float32)})
+  state = diffusion.state_from_params(params, tx, jax.random.PRNGKey(0))
   step = jax.jit(functools.partial(
       diffusion.train_step, model=model, tx=tx, schedule=diffusion.schedule_from_config(config),
       objective=diffusion.Objective.from_config(config), base_ema_decay=config.diffusion_train.ema_decay,
