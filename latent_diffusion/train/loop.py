@@ -1,6 +1,7 @@
 """What both training stages share: checkpoints, writers, progress lines and the step loop."""
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -205,9 +206,14 @@ def drop_torn_last_line(path: Path) -> None:
   after it, and a torn record would otherwise merge with the first of them into one unreadable line."""
   try:
     with open(path, 'rb+') as f:
-      data = f.read()
-      if data and not data.endswith(b'\n'):
-        f.truncate(data.rfind(b'\n') + 1)
+      end = f.seek(0, os.SEEK_END)
+      tail = b''
+      while end > 0 and b'\n' not in tail:  # only the last line is read, however long the log
+        start = max(0, end - 4096)
+        f.seek(start)
+        tail, end = f.read(end - start) + tail, start
+      if tail and not tail.endswith(b'\n'):
+        f.truncate(end + tail.rfind(b'\n') + 1)
   except FileNotFoundError:
     pass
 

@@ -261,14 +261,19 @@ def test_read_metrics_keeps_the_last_line_of_a_step_logged_twice(tmp_path):
   assert loop.read_metrics(tmp_path / 'absent.jsonl') == {}
 
 
-def test_a_line_torn_by_a_killed_run_is_dropped_before_the_resumed_run_appends(tmp_path):
+@pytest.mark.parametrize('torn', ['{"step": 301, "lo', '{"step": 301, "note": "' + 'x' * 9000])
+def test_a_line_torn_by_a_killed_run_is_dropped_before_the_resumed_run_appends(tmp_path, torn):
+  """A SIGKILL in the middle of step 301's write, after 300 whole lines (longer than one read block);
+  the torn line short, or itself longer than a block."""
   path = tmp_path / 'metrics.jsonl'
-  path.write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo')  # SIGKILL in the middle of step 2's write
-  progress = loop.Progress('stage', loop.LoggingWriter(), total_steps=3, every=1, start_step=1, metrics_path=path)
-  progress.update(2, {'loss': jnp.float32(2.0)})
-  assert {step: record['loss'] for step, record in loop.read_metrics(path).items()} == {1: 3.0, 2: 2.0}
-  loop.Progress('stage', loop.LoggingWriter(), total_steps=3, every=1, start_step=2, metrics_path=path)
-  assert path.read_text().count('\n') == 2  # whole lines are kept
+  path.write_text(''.join(f'{{"step": {step}, "loss": 3.0}}\n' for step in range(1, 301)) + torn)
+  progress = loop.Progress('stage', loop.LoggingWriter(), total_steps=302, every=1, start_step=300,
+                           metrics_path=path)
+  progress.update(301, {'loss': jnp.float32(2.0)})
+  logged = {step: record['loss'] for step, record in loop.read_metrics(path).items()}
+  assert logged == {**{step: 3.0 for step in range(1, 301)}, 301: 2.0}
+  loop.Progress('stage', loop.LoggingWriter(), total_steps=302, every=1, start_step=301, metrics_path=path)
+  assert path.read_text().count('\n') == 301  # a log that ends with a whole line is left as it is
 
 
 def test_make_writer_logs_scalars_when_clu_writers_cannot_load(tmp_path, monkeypatch, caplog):
