@@ -11,6 +11,10 @@ traced jit argument).
 
 Randomness: step i of the sampling loop (i = 0 is the noisiest) draws its noise from
 `jax.random.split(rng, S)[i]`, so a reference implementation can replay it.
+
+img2img (SDEdit, Meng et al. 2022): given `x0_init`, every sampler runs only the last
+`img2img_steps(S, strength)` of its S steps, starting from x0_init noised to the noisiest of them with
+x_T as the noise, as diffusers' img2img pipelines (get_timesteps, then scheduler.add_noise).
 """
 
 from typing import Callable
@@ -62,6 +66,34 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = 'uniform',
                    offset: int = 0) -> np.ndarray:
   """The timesteps DDIM visits: `sampling_timesteps` (the paper's make_ddim_timesteps by default)."""
   return sampling_timesteps(num_timesteps, num_steps, spacing, offset)
+
+
+class StrengthError(ValueError):
+  """An img2img strength outside (0, 1], or one that leaves no sampler step to run."""
+
+
+def img2img_steps(num_steps: int, strength: float) -> int:
+  """How many of a sampler's `num_steps` steps img2img runs: int(strength * num_steps), as diffusers'
+  get_timesteps. strength 1 runs them all (from the noisiest timestep, not from pure noise)."""
+  if not 0.0 < strength <= 1.0:
+    raise StrengthError(f'strength must be in (0, 1], got {strength}')
+  kept = min(int(num_steps * strength), num_steps)
+  if kept < 1:
+    raise StrengthError(f'strength {strength} runs none of the {num_steps} sampler steps; '
+                        f'the least that runs one is {1 / num_steps:.4g}')
+  return kept
+
+
+def img2img_start(schedule: Schedule, timesteps: np.ndarray, x_T: jax.Array, x0_init: jax.Array | None,
+                  strength: float) -> tuple[np.ndarray, jax.Array]:
+  """(ascending timesteps to run, start x): all of them and x_T without x0_init; with it, the lowest
+  img2img_steps of them and x0_init forward-noised to the highest of those, x_T being the noise."""
+  if x0_init is None:
+    return timesteps, x_T.astype(jnp.float32)
+  timesteps = timesteps[:img2img_steps(len(timesteps), strength)]
+  x = process.q_sample(schedule, x0_init.astype(jnp.float32), batch_of(timesteps[-1], x_T),
+                       x_T.astype(jnp.float32))
+  return timesteps, x
 
 
 def alphas_cumprod_f64(schedule: Schedule) -> np.ndarray:
@@ -125,19 +157,23 @@ def ddpm_coefficients(schedule: Schedule, timesteps: np.ndarray | None):
 def ddpm_sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, schedule: Schedule,
                 num_steps: int | None = None, parameterization: str = 'eps',
                 clip_denoised: bool = False, *, spacing: str = 'leading', offset: int = 0,
+                x0_init: jax.Array | None = None, strength: float = 1.0,
                 return_intermediates: bool = False):
   """Ancestral sampling (Ho et al. 2020) with the posterior variance ('fixed_small').
 
   num_steps=None walks all T timesteps as the paper's p_sample_loop; fewer steps walk the
   `sampling_timesteps(T, num_steps, spacing, offset)` subsequence with the respaced posterior, as
   diffusers' DDPMScheduler.set_timesteps (its defaults: 'leading', offset 0). clip_denoised clips the
-  x0 prediction to [-1, 1]. Returns x_0, and with return_intermediates the x after every step (S, B, ...).
+  x0 prediction to [-1, 1]. x0_init, strength: img2img (module docstring). Returns x_0, and with
+  return_intermediates the x after every step (S, B, ...).
   """
   process.check_parameterization(parameterization)
-  timesteps = None if num_steps is None else sampling_timesteps(schedule.num_timesteps, num_steps,
-                                                               spacing, offset)
-  timesteps, coef_x0, coef_xt, std = ddpm_coefficients(schedule, timesteps)
-  per_step = sampling_order(timesteps, dtype=jnp.int32) + sampling_order(coef_x0, coef_xt, std)
+  timesteps = (np.arange(schedule.num_timesteps) if num_steps is None
+               else sampling_timesteps(schedule.num_timesteps, num_steps, spacing, offset))
+  timesteps, x = img2img_start(schedule, timesteps, x_T, x0_init, strength)
+  _, coef_x0, coef_xt, std = ddpm_coefficients(schedule, None if num_steps is None else timesteps)
+  per_step = (sampling_order(timesteps, dtype=jnp.int32)
+              + sampling_order(*(c[:len(timesteps)] for c in (coef_x0, coef_xt, std))))
   keys = jax.random.split(rng, len(timesteps))
 
   def step(x, inputs):
@@ -150,7 +186,7 @@ def ddpm_sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, schedule: Sch
     x = c_x0 * x0 + c_xt * x + sigma * jax.random.normal(key, x.shape, x.dtype)
     return x, x if return_intermediates else None
 
-  x0, stacked = jax.lax.scan(step, x_T.astype(jnp.float32), per_step + (keys,))
+  x0, stacked = jax.lax.scan(step, x, per_step + (keys,))
   return finish(x0, stacked, return_intermediates)
 
 
@@ -158,7 +194,8 @@ def ddim_sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, schedule: Sch
                 num_steps: int, eta: float = 0.0, spacing: str = 'uniform', *,
                 parameterization: str = 'eps', offset: int = 0,
                 final_alpha_cumprod: float | None = None, mask: jax.Array | None = None,
-                x0_known: jax.Array | None = None, return_intermediates: bool = False):
+                x0_known: jax.Array | None = None, x0_init: jax.Array | None = None,
+                strength: float = 1.0, return_intermediates: bool = False):
   """DDIM (Song et al. 2021) from noise x_T (B, ...) to x_0, as the paper's DDIMSampler.
 
   Makes len(ddim_timesteps(T, num_steps, spacing, offset)) model calls: num_steps, or a few more
@@ -166,12 +203,14 @@ def ddim_sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, schedule: Sch
   deterministic). final_alpha_cumprod: see `ddim_coefficients`. Masked sampling (the paper's
   inpainting/outpainting): before each step at t, x <- q_sample(x0_known, t) * mask + (1 - mask) * x,
   so mask = 1 keeps the known latents; its forward noise comes from keys split from
-  fold_in(rng, 1). Returns x_0, and with return_intermediates the x after every step (S, B, ...).
+  fold_in(rng, 1). x0_init, strength: img2img (module docstring). Returns x_0, and with
+  return_intermediates the x after every step (S, B, ...).
   """
   process.check_parameterization(parameterization)
   if (mask is None) != (x0_known is None):
     raise ValueError('masked sampling needs both mask and x0_known')
-  timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing, offset)
+  timesteps, x = img2img_start(schedule, ddim_timesteps(schedule.num_timesteps, num_steps, spacing, offset),
+                               x_T, x0_init, strength)
   alphas, alphas_prev, sigmas = ddim_coefficients(schedule, timesteps, eta, final_alpha_cumprod)
   per_step = sampling_order(timesteps, dtype=jnp.int32) + sampling_order(alphas_prev, sigmas)
   keys = jax.random.split(rng, len(timesteps))
@@ -191,7 +230,7 @@ def ddim_sample(model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, schedule: Sch
     x = jnp.sqrt(alpha_prev) * x0 + direction + noise
     return x, x if return_intermediates else None
 
-  x0, stacked = jax.lax.scan(step, x_T.astype(jnp.float32), per_step + (keys, mask_keys))
+  x0, stacked = jax.lax.scan(step, x, per_step + (keys, mask_keys))
   return finish(x0, stacked, return_intermediates)
 
 
@@ -224,16 +263,18 @@ def plms_schedule(timesteps: np.ndarray, alphas: np.ndarray, alphas_prev: np.nda
 
 def plms_sample(model_fn: ModelFn, x_T: jax.Array, schedule: Schedule, num_steps: int,
                 spacing: str = 'uniform', parameterization: str = 'eps', *, offset: int = 0,
-                final_alpha_cumprod: float | None = None, return_intermediates: bool = False):
+                final_alpha_cumprod: float | None = None, x0_init: jax.Array | None = None,
+                strength: float = 1.0, return_intermediates: bool = False):
   """The paper's PLMS sampler (pseudo linear multistep, Liu et al. 2022), deterministic.
 
   A pseudo improved-Euler first step (a second model call at the predicted point), then 2nd, 3rd and
   4th-order Adams-Bashforth on eps: len(timesteps) + 1 model calls, all inside one scan. The raw
-  outputs are converted to eps first, so it works for every parameterisation. Returns x_0, and with
-  return_intermediates the x after every step (S, B, ...).
+  outputs are converted to eps first, so it works for every parameterisation. x0_init, strength:
+  img2img (module docstring). Returns x_0, and with return_intermediates the x after every step (S, B, ...).
   """
   process.check_parameterization(parameterization)
-  timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing, offset)
+  timesteps, x = img2img_start(schedule, ddim_timesteps(schedule.num_timesteps, num_steps, spacing, offset),
+                               x_T, x0_init, strength)
   alphas, alphas_prev, _ = ddim_coefficients(schedule, timesteps, 0.0, final_alpha_cumprod)
   model_t, weights, step_alpha, step_alpha_prev, push, keep_start = plms_schedule(
       timesteps, alphas, alphas_prev)
@@ -254,7 +295,6 @@ def plms_sample(model_fn: ModelFn, x_T: jax.Array, schedule: Schedule, num_steps
     start = jnp.where(keep, start, out)
     return (out, start, history), out if return_intermediates else None
 
-  x = x_T.astype(jnp.float32)
   (x0, _, _), stacked = jax.lax.scan(step, (x, x, jnp.zeros((3,) + x.shape, x.dtype)), per_step)
   return finish(x0, stacked[1:] if return_intermediates else None, return_intermediates)
 
@@ -296,12 +336,15 @@ def dpm_solver_coefficients(schedule: Schedule, timesteps: np.ndarray):
 
 def dpm_solver_sample(model_fn: ModelFn, x_T: jax.Array, schedule: Schedule, num_steps: int,
                       parameterization: str = 'eps', spacing: str = 'linspace', *, offset: int = 0,
+                      x0_init: jax.Array | None = None, strength: float = 1.0,
                       return_intermediates: bool = False):
   """DPM-Solver++(2M) (Lu et al. 2022): multistep, data prediction, deterministic; num_steps model
-  calls, the last step landing on the x0 prediction. Returns x_0, and with return_intermediates the
-  x after every step (S, B, ...)."""
+  calls, the last step landing on the x0 prediction. x0_init, strength: img2img (module docstring;
+  its first step is first order, as diffusers' from set_begin_index). Returns x_0, and with
+  return_intermediates the x after every step (S, B, ...)."""
   process.check_parameterization(parameterization)
-  timesteps = dpm_solver_timesteps(schedule.num_timesteps, num_steps, spacing, offset)
+  timesteps, x = img2img_start(schedule, dpm_solver_timesteps(schedule.num_timesteps, num_steps, spacing, offset),
+                               x_T, x0_init, strength)
   per_step = ((jnp.asarray(timesteps[::-1], jnp.int32),)
               + tuple(jnp.asarray(c, jnp.float32) for c in dpm_solver_coefficients(schedule, timesteps)))
 
@@ -314,6 +357,5 @@ def dpm_solver_sample(model_fn: ModelFn, x_T: jax.Array, schedule: Schedule, num
     x = c_x * x + c_now * x0 + c_before * x0_before
     return (x, x0), x if return_intermediates else None
 
-  x = x_T.astype(jnp.float32)
   (x0, _), stacked = jax.lax.scan(step, (x, jnp.zeros_like(x)), per_step)
   return finish(x0, stacked, return_intermediates)

@@ -1,6 +1,9 @@
 """Tests for diffusion/samplers.py: timesteps and coefficients as the paper's code, every intermediate
 latent of each sampler against the diffusers scheduler loop it corresponds to (same toy model, same
-noise), masked DDIM, parameterisations, and one compilation per (shape, num_steps)."""
+noise), img2img against diffusers' img2img pipeline's timesteps and noising, masked DDIM,
+parameterisations, and one compilation per (shape, num_steps)."""
+
+import types
 
 import diffusers.schedulers.scheduling_ddpm
 import jax
@@ -8,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
+                       StableDiffusionImg2ImgPipeline)
 
 from latent_diffusion.diffusion import process, samplers, schedules
 
@@ -323,6 +327,89 @@ def test_ddim_sample_with_eta_is_deterministic_per_rng_and_differs_across_rngs(s
   np.testing.assert_array_equal(first, again)
   assert not np.allclose(first, other)
   assert np.all(np.isfinite(first))
+
+
+# img2img (SDEdit): diffusers' StableDiffusionImg2ImgPipeline picks the timesteps (get_timesteps, run
+# here on a bare object holding the scheduler) and noises the image (scheduler.add_noise at the first of
+# them); the loop is then its plain scheduler loop.
+
+
+def diffusers_img2img_trajectory(scheduler, num_steps, strength, x0_init, noise, step_kwargs=lambda i: {}):
+  pipeline = types.SimpleNamespace(scheduler=scheduler)
+  scheduler.set_timesteps(num_steps)
+  timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(pipeline, num_steps, strength, 'cpu')
+  x = scheduler.add_noise(to_torch(x0_init), to_torch(noise), timesteps[:1])
+  trajectory = []
+  for i, t in enumerate(timesteps):
+    x = scheduler.step(toy_model_torch(x, int(t)), int(t), x, **step_kwargs(i)).prev_sample
+    trajectory.append(to_nhwc(x))
+  return np.stack(trajectory)
+
+
+@pytest.fixture(scope='module')
+def x0_init():
+  return np.random.default_rng(2).uniform(-1, 1, size=SHAPE).astype(np.float32)
+
+
+@pytest.mark.parametrize('strength', [0.3, 0.75, 1.0])
+@pytest.mark.parametrize('eta', [0.0, 1.0])
+def test_img2img_ddim_equals_diffusers_img2img_pipeline_loop(schedule, x_T, x0_init, strength, eta):
+  rng = jax.random.PRNGKey(8)
+  ours = samplers.ddim_sample(toy_model, jnp.asarray(x_T), rng, schedule, 50, eta,
+                              x0_init=jnp.asarray(x0_init), strength=strength, return_intermediates=True)
+  scheduler = DDIMScheduler(**DIFFUSERS_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+  kept = int(50 * strength)
+  noise = step_noise(rng, kept)
+  theirs = diffusers_img2img_trajectory(scheduler, 50, strength, x0_init, x_T,
+                                        lambda i: dict(eta=eta, variance_noise=noise[i] if eta else None))
+  assert len(theirs) == kept
+  assert_same_trajectory(ours, theirs)
+
+
+@pytest.mark.parametrize('strength', [0.3, 1.0])
+def test_img2img_dpm_solver_equals_diffusers_img2img_pipeline_loop(schedule, x_T, x0_init, strength):
+  """diffusers starts the multistep solver at set_begin_index with its first-order step, as ours."""
+  ours = samplers.dpm_solver_sample(toy_model, jnp.asarray(x_T), schedule, 20, x0_init=jnp.asarray(x0_init),
+                                    strength=strength, return_intermediates=True)
+  scheduler = DPMSolverMultistepScheduler(**DIFFUSERS_SCHEDULE, algorithm_type='dpmsolver++', solver_order=2)
+  assert_same_trajectory(ours, diffusers_img2img_trajectory(scheduler, 20, strength, x0_init, x_T))
+
+
+def test_img2img_respaced_ddpm_equals_diffusers_img2img_pipeline_loop(schedule, x_T, x0_init, monkeypatch):
+  rng = jax.random.PRNGKey(9)
+  ours = samplers.ddpm_sample(toy_model, jnp.asarray(x_T), rng, schedule, 50, x0_init=jnp.asarray(x0_init),
+                              strength=0.5, return_intermediates=True)
+  scheduler = DDPMScheduler(**DIFFUSERS_SCHEDULE, variance_type='fixed_small', clip_sample=False)
+  noise = iter(step_noise(rng, 25))
+  monkeypatch.setattr(diffusers.schedulers.scheduling_ddpm, 'randn_tensor', lambda *a, **k: next(noise))
+  assert_same_trajectory(ours, diffusers_img2img_trajectory(scheduler, 50, 0.5, x0_init, x_T))
+
+
+@pytest.mark.parametrize('name', ['ddim', 'plms', 'dpm_solver', 'ddpm'])
+def test_img2img_at_the_least_strength_runs_one_step_from_the_slightly_noised_image(small_schedule, x_T,
+                                                                                    x0_init, name):
+  """strength 1/S: one step, from the image noised to the lowest visited timestep. Every sampler then
+  returns close to the image (the toy model's eps is far from the noise), and far from plain sampling."""
+  sample = {'ddim': lambda **k: samplers.ddim_sample(toy_model, jnp.asarray(x_T), jax.random.PRNGKey(0),
+                                                     small_schedule, 10, **k),
+            'plms': lambda **k: samplers.plms_sample(toy_model, jnp.asarray(x_T), small_schedule, 10, **k),
+            'dpm_solver': lambda **k: samplers.dpm_solver_sample(toy_model, jnp.asarray(x_T), small_schedule,
+                                                                 10, **k),
+            'ddpm': lambda **k: samplers.ddpm_sample(toy_model, jnp.asarray(x_T), jax.random.PRNGKey(0),
+                                                     small_schedule, 10, **k)}[name]
+  one_step = np.asarray(sample(x0_init=jnp.asarray(x0_init), strength=0.1, return_intermediates=True)[1])
+  assert one_step.shape == (1,) + SHAPE
+  close = np.abs(one_step[0] - x0_init).mean()
+  assert close < 0.15, close
+  assert np.abs(np.asarray(sample()) - x0_init).mean() > 4 * close
+
+
+@pytest.mark.parametrize('strength, message', [(0.0, r'\(0, 1\]'), (1.5, r'\(0, 1\]'),
+                                               (0.01, 'the least that runs one is 0.1')])
+def test_img2img_strength_outside_0_1_or_running_no_step_raises_naming_it(small_schedule, strength, message):
+  x = jnp.zeros((1, 2, 2, 1))
+  with pytest.raises(samplers.StrengthError, match=message):
+    samplers.ddim_sample(toy_model, x, jax.random.PRNGKey(0), small_schedule, 10, x0_init=x, strength=strength)
 
 
 def test_masked_ddim_keeps_the_known_region_and_samples_the_rest(small_schedule, x_T):
