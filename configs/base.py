@@ -242,6 +242,10 @@ def get_config() -> ml_collections.ConfigDict:
                                             # (0 = off): each step's eps is pushed towards latents whose
                                             # decoded x0 matches the input (downsampled by antialiased
                                             # bicubic; or on the known pixels)
+  config.sample.init_image = ''     # sample mode, img2img (SDEdit): a PNG/JPEG whose stage-1 encoding, noised
+                                    # to sample.strength, starts the sampler (any model, any condition)
+  config.sample.strength = 0.8      # img2img: the fraction of the sampler's steps run from the noised image
+                                    # (diffusers' strength; 1 starts at its noisiest step)
 
   config.lock()
   return config

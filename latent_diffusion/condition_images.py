@@ -2,7 +2,8 @@
 and named, a semantic map in a palette, a low-resolution input upscaled, the masked input of
 inpainting, a class name.
 
-Every panel is uint8 (side, side, 3); `conditional_grid` lays out [condition | sample] pairs.
+Every panel is uint8 (side, side, 3); `conditional_grid` lays out [condition | sample] pairs (or
+[condition | start image | sample] for img2img).
 """
 
 import textwrap
@@ -101,19 +102,22 @@ def condition_panels(key: str, display: dict, count: int, height: int, width: in
   return np.stack(panels)
 
 
-def conditional_grid(samples: np.ndarray, panels: np.ndarray | None, pairs_per_row: int | None = None) -> np.ndarray:
-  """uint8 grid of [panel | sample] pairs (samples [-1, 1] (N, H, W, 3)); plain samples without panels.
-  Samples smaller than MIN_SIDE are enlarged (nearest) to the panels' size."""
+def conditional_grid(samples: np.ndarray, panels, pairs_per_row: int | None = None) -> np.ndarray:
+  """uint8 grid of [panel | sample] pairs (samples [-1, 1] (N, H, W, 3)); `panels` is one (N, h, w, 3)
+  uint8 stack, or a list of them shown left to right before each sample (e.g. the condition, then
+  img2img's start image); plain samples without panels. Samples smaller than the panels are enlarged
+  (nearest) to their size."""
   shown = image_io.to_uint8(samples)
-  if panels is None:
+  stacks = [] if panels is None else [panels] if isinstance(panels, np.ndarray) else list(panels)
+  if not stacks:
     return image_io.make_grid(shown)
-  height, width = panels.shape[1:3]
+  height, width = stacks[0].shape[1:3]
   if shown.shape[1:3] != (height, width):
     shown = np.stack([np.asarray(Image.fromarray(s).resize((width, height), Image.Resampling.NEAREST))
                       for s in shown])
-  pairs = np.stack([panels, shown], axis=1).reshape((-1,) + panels.shape[1:])
-  columns = 2 * (pairs_per_row or max(1, int(np.ceil(np.sqrt(len(samples))))))
-  return image_io.make_grid(pairs, columns)
+  groups = np.stack(stacks + [shown], axis=1).reshape((-1,) + stacks[0].shape[1:])
+  columns = (len(stacks) + 1) * (pairs_per_row or max(1, int(np.ceil(np.sqrt(len(samples))))))
+  return image_io.make_grid(groups, columns)
 
 
 def display_size(height: int, width: int) -> tuple[int, int]:

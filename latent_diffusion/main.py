@@ -86,6 +86,8 @@ def check_config(config) -> None:
   levels = 2 ** (len(config.unet.channel_mult) - 1)
   if config.data.image_size % f:
     raise ConfigError(f'data.image_size={config.data.image_size}: needs to be divisible by f={f}')
+  if not 0.0 < config.sample.strength <= 1.0:
+    raise ConfigError(f'sample.strength: must be in (0, 1], got {config.sample.strength}')
   if config.sample.height < 0 or config.sample.width < 0:
     raise ConfigError(f'sample.height / sample.width: must be >= 0 (0 = data.image_size), got '
                       f'{config.sample.height} / {config.sample.width}')

@@ -1,5 +1,6 @@
 """Sample mode: restore both stages, draw latents with the configured sampler under the requested
-conditions, decode once, write a grid with each condition beside its sample, and the single PNGs."""
+conditions (from noise, or img2img from sample.init_image), decode once, write a grid with each
+condition beside its sample, and the single PNGs."""
 
 import jax
 import numpy as np
@@ -55,6 +56,9 @@ def sample(config, workdir):
   s = config.sample
   tokenizer = diffusion.make_tokenizer(config)
   inputs, display = sample_inputs.grid_inputs(config, s.num_samples, tokenizer)
+  init = sample_inputs.read_init_image(config, s.num_samples)
+  if init is not None:  # img2img: the sampler starts from its encoding, the grid shows it
+    inputs, display = dict(inputs, init_image=init), dict(display, init_image=init)
   key = conditioning.condition_key(config)
   height, width = sample_inputs.pixel_size(config, key, display)
   shape = diffusion.latent_shape(config, height, width)
@@ -66,6 +70,8 @@ def sample(config, workdir):
   name = f'sample_step{step}_{diffusion.sampler_tag(config)}_seed{s.seed}'
   if key == 'label' and s.class_label >= 0:
     name += f'_class{s.class_label}'
+  if init is not None:
+    name += f'_img2img{s.strength:g}'
   if (height, width) != (config.data.image_size,) * 2:
     name += f'_{height}x{width}'
   directory = common.stage_dir(workdir, diffusion.STAGE) / 'samples'

@@ -1,5 +1,5 @@
 """The conditions of a sample grid: from the command line (sample.prompt, class_label, layout,
-segmentation, image, mask) or, without those and for the grids written during training, from the
+segmentation, image, mask; and img2img's sample.init_image) or, without those and for the grids written during training, from the
 held-out data (the synthetic set's unseen seeds, data.eval_path, ...), so that every sample can be
 checked against the condition it was given.
 
@@ -132,6 +132,15 @@ def _cli_display(config, key: str, count: int) -> dict | None:
   return None
 
 
+def read_init_image(config, count: int) -> np.ndarray | None:
+  """img2img's start image (sample.init_image) for each of `count` samples (count, H, W, 3) in [-1, 1],
+  or None without one."""
+  if not config.sample.init_image:
+    return None
+  image = read_image(config.sample.init_image, 'sample.init_image')
+  return np.broadcast_to(image, (count,) + image.shape).copy()
+
+
 def held_out_batch(config, count: int) -> dict:
   """The first `count` held-out examples as one batch (fixed order, unflipped, with the low-resolution
   inputs and masks the data config makes)."""
@@ -149,10 +158,11 @@ def held_out_batch(config, count: int) -> dict:
 
 
 def pixel_size(config, key: str, display: dict) -> tuple[int, int]:
-  """(height, width) of the samples: sample.height/width, else the size the condition implies (a
-  segmentation map or an inpainting image sets it, a low-resolution image times the factor f), else
-  data.image_size."""
+  """(height, width) of the samples: sample.height/width, else the size the inputs imply (a
+  segmentation map, an inpainting image or img2img's start image sets it, a low-resolution image times
+  the factor f), else data.image_size."""
   f = autoencoder_model.factor_of(config.autoencoder)
+  fixed = key in ('segmentation', 'masked_image') or 'init_image' in display
   if key == 'segmentation':
     implied = display['segmentation'].shape[1:3]
   elif key == 'masked_image':
@@ -160,11 +170,18 @@ def pixel_size(config, key: str, display: dict) -> tuple[int, int]:
   elif key == 'low_res':
     scale = config.data.image_size // max(config.data.low_res_size, 1)
     implied = tuple(side * scale for side in display['low_res'].shape[1:3])
+  elif 'init_image' in display:
+    implied = display['init_image'].shape[1:3]
   else:
     implied = (config.data.image_size, config.data.image_size)
+  if 'init_image' in display and tuple(display['init_image'].shape[1:3]) != tuple(implied):
+    start = display['init_image'].shape[1:3]
+    raise ConfigError(f'sample.init_image: its size {start[1]}x{start[0]} does not match the '
+                      f'{implied[1]}x{implied[0]} samples the condition ({key}) implies')
   height, width = config.sample.height or implied[0], config.sample.width or implied[1]
-  if key in ('segmentation', 'masked_image') and (height, width) != tuple(implied):
-    raise ConfigError(f'sample.height x width = {height}x{width} does not match the condition\'s '
+  if fixed and (height, width) != tuple(implied):
+    source = 'sample.init_image' if 'init_image' in display else 'the condition'
+    raise ConfigError(f'sample.height x width = {height}x{width} does not match {source}\'s '
                       f'{implied[0]}x{implied[1]}')
   if height % f or width % f:
     raise ConfigError(f'sample size {height}x{width} must be divisible by the autoencoder factor f={f}')
@@ -197,12 +214,17 @@ def composite(config, samples: np.ndarray, display: dict) -> np.ndarray:
 
 
 def save_grid(config, path, samples: np.ndarray, display: dict) -> Path:
-  """Write the [condition | sample] grid (plain samples for unconditional models) as one PNG."""
+  """Write the [condition | sample] grid as one PNG: [condition | start image | sample] for img2img,
+  [start image | sample] for an unconditional img2img, plain samples for unconditional models."""
   key = conditioning.condition_key(config)
-  panels = None
+  height, width = condition_images.display_size(*samples.shape[1:3])
+  panels = []
   if key:
-    height, width = condition_images.display_size(*samples.shape[1:3])
-    panels = condition_images.condition_panels(key, display, len(samples), height, width, class_names(config))
+    panels.append(condition_images.condition_panels(key, display, len(samples), height, width,
+                                                    class_names(config)))
+  if 'init_image' in display:
+    panels.append(np.stack([condition_images.image_panel(image, height, width)
+                            for image in display['init_image'][:len(samples)]]))
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(condition_images.conditional_grid(samples, panels)).save(path)

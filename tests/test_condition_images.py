@@ -34,6 +34,16 @@ def test_masked_panel_blanks_the_region_to_fill():
   assert (panel[:2] == 128).all() and (panel[2:] == 255).all()
 
 
+def test_conditional_grid_puts_several_panels_before_each_sample_in_order():
+  samples = np.zeros((2, 128, 128, 3), np.float32)
+  first, second = np.full((2, 128, 128, 3), 7, np.uint8), np.full((2, 128, 128, 3), 9, np.uint8)
+  grid = condition_images.conditional_grid(samples, [first, second], pairs_per_row=2)
+  assert grid.shape == (2 + 128 + 2, 6 * (128 + 2) + 2, 3)
+  columns = [grid[2:130, 2 + 130 * i:130 * (i + 1)] for i in range(6)]
+  for i, value in enumerate([7, 9, 128] * 2):
+    assert (columns[i] == value).all(), i
+
+
 def test_conditional_grid_pairs_each_condition_with_its_enlarged_sample():
   samples = np.zeros((3, 16, 16, 3), np.float32)
   panels = np.full((3, 128, 128, 3), 7, np.uint8)

@@ -5,6 +5,7 @@ network structure, KL-f8 and a five-level U-Net at 128x128, is the paper's, only
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -13,6 +14,9 @@ from PIL import Image
 import tiny_config
 from configs import lsun_churches_f8
 from latent_diffusion import main
+from latent_diffusion.errors import ConfigError
+from latent_diffusion.models.distributions import DiagonalGaussian
+from latent_diffusion.train import autoencoder as stage1
 
 
 def tiny_tfds_config(mode: str):
@@ -91,6 +95,42 @@ def test_train_writes_both_stages_checkpoints_events_samples_and_configs(trained
 
 def test_sample_mode_writes_a_grid_of_decoded_images(trained_workdir):
   sample_and_check_the_grid(trained_workdir, tiny_tfds_config, 16)
+
+
+def test_sample_mode_img2img_starts_from_the_encoded_image_and_shows_it_beside_each_sample(trained_workdir,
+                                                                                           tmp_path):
+  """At the least strength (1 of the 4 DDIM steps, from t = 1) a sample is the stage-1 reconstruction of
+  the start image up to that one step; plain samples from the same seed are far from it."""
+  start = np.zeros((16, 16, 3), np.uint8)
+  start[:, :8] = (200, 40, 40)
+  start[4:12, 8:] = (30, 90, 220)
+  Image.fromarray(start).save(tmp_path / 'start.png')
+  config = tiny_tfds_config('sample')
+  config.sample.init_image, config.sample.strength = str(tmp_path / 'start.png'), 0.25
+  main.run(config, str(trained_workdir))
+  directory = trained_workdir / 'diffusion' / 'samples'
+  grid = np.asarray(Image.open(directory / 'sample_step2_ddim4_eta0_seed0_img2img0.25.png'))
+  assert grid.shape == (2 + 128 + 2, 4 * (128 + 2) + 2, 3)  # [start | sample] twice, shown at 128
+  shown = np.asarray(Image.fromarray(start).resize((128, 128), Image.Resampling.NEAREST))
+  np.testing.assert_array_equal(grid[2:130, 2:130], shown)
+  np.testing.assert_array_equal(grid[2:130, 262:390], shown)
+
+  read = lambda name: np.stack([np.asarray(Image.open(p), np.float32) / 127.5 - 1
+                                for p in sorted((directory / name).glob('*.png'))])
+  autoencoder, params = stage1.load_params(config, trained_workdir)
+  moments = autoencoder.apply({'params': params}, jnp.asarray(start[None], jnp.float32) / 127.5 - 1,
+                              method=autoencoder.encode_moments)
+  decode = lambda z: np.clip(autoencoder.apply({'params': params}, z, method=autoencoder.decode), -1, 1)
+  mode = DiagonalGaussian(moments).mode()
+  img2img = read('sample_step2_ddim4_eta0_seed0_img2img0.25')
+  config.sample.init_image = ''
+  main.run(config, str(trained_workdir))  # the same seed from noise
+  near = np.abs(img2img - decode(mode)).mean()
+  assert near < np.abs(read('sample_step2_ddim4_eta0_seed0') - decode(mode)).mean() / 2
+
+  config.sample.init_image, config.sample.strength = str(tmp_path / 'start.png'), 0.2  # none of the 4 steps
+  with pytest.raises(ConfigError, match='sample.strength: .* the least that runs one is 0.25'):
+    main.run(config, str(trained_workdir))
 
 
 @pytest.mark.slow  # the same run as the two tests above, with the paper's (narrowed) churches networks

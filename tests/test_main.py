@@ -169,6 +169,8 @@ def test_ddpm_may_walk_the_whole_chain_but_ddim_may_not():
     (dict(sample__keep_known_latents=True), 'sample.keep_known_latents'),  # not an inpainting model
     (dict(sample__image_guidance_scale=2.0), 'sample.image_guidance_scale'),  # not a restoration model
     (dict(sample__image_guidance_scale=-1.0), 'sample.image_guidance_scale'),
+    (dict(sample__strength=0.0), 'sample.strength'),
+    (dict(sample__strength=1.2), 'sample.strength'),
 ])
 def test_check_config_rejects_bad_values_naming_the_field(fields, name):
   with pytest.raises(ConfigError) as error:

@@ -83,6 +83,29 @@ def test_without_a_prompt_the_captions_of_held_out_synthetic_examples_are_used()
   assert len(set(display['caption'])) > 1 and all(c.startswith('a') for c in display['caption'])
 
 
+def test_img2img_start_image_sets_the_sample_size_and_must_agree_with_the_condition_and_config(tmp_path):
+  config = base.get_config()
+  path = tmp_path / 'start.png'
+  Image.fromarray(np.full((96, 128, 3), 255, np.uint8)).save(path)
+  config.sample.init_image = str(path)
+  start = sample_inputs.read_init_image(config, 3)
+  assert start.shape == (3, 96, 128, 3) and np.all(start == 1.0)
+  assert sample_inputs.pixel_size(config, '', {'init_image': start}) == (96, 128)
+  assert sample_inputs.pixel_size(config, 'caption', {'init_image': start}) == (96, 128)
+  config.sample.height = 64
+  with pytest.raises(ConfigError, match="64x128 does not match sample.init_image's 96x128"):
+    sample_inputs.pixel_size(config, '', {'init_image': start})
+  config.sample.height = 0
+  with pytest.raises(ConfigError, match='sample.init_image: its size 128x96 does not match the 64x64'):
+    sample_inputs.pixel_size(config, 'segmentation', {'init_image': start,
+                                                      'segmentation': np.zeros((1, 64, 64))})
+  config.sample.init_image = str(tmp_path / 'missing.png')
+  with pytest.raises(ConfigError, match="sample.init_image: no such file '.*missing.png'"):
+    sample_inputs.read_init_image(config, 1)
+  config.sample.init_image = ''
+  assert sample_inputs.read_init_image(config, 1) is None
+
+
 def test_sample_size_follows_the_condition_or_the_config():
   config = base.get_config()
   config.cond_stage.key = 'segmentation'

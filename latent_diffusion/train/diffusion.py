@@ -215,25 +215,30 @@ def scale_factor_from_moments(moments, rng, autoencoder_kind='kl') -> jax.Array:
 
 
 def run_sampler(sampling, model_fn, x_T, rng, schedule, num_steps: int, parameterization: str,
-                clip_denoised: bool = False, known=None):
+                clip_denoised: bool = False, known=None, init=None):
   """Latents from noise x_T with the sampler named by sample.sampler; `known` (keep, x0_known): DDIM's
-  masked sampling (see known_latents)."""
+  masked sampling (see known_latents); `init`: img2img's start latents, run at sample.strength."""
   if known is not None and sampling.sampler != 'ddim':
     raise ConfigError(f'sample.keep_known_latents: needs sample.sampler=ddim, got {sampling.sampler!r}')
-  if sampling.sampler == 'ddim':
-    keep, x0_known = known if known is not None else (None, None)
-    return samplers.ddim_sample(model_fn, x_T, rng, schedule, num_steps, sampling.eta, sampling.spacing,
-                                parameterization=parameterization, mask=keep, x0_known=x0_known)
-  if sampling.sampler == 'ddpm':
-    return samplers.ddpm_sample(model_fn, x_T, rng, schedule,
-                                None if num_steps >= schedule.num_timesteps else num_steps,
-                                parameterization=parameterization, clip_denoised=clip_denoised)
-  if sampling.sampler == 'plms':
-    return samplers.plms_sample(model_fn, x_T, schedule, num_steps, spacing=sampling.spacing,
-                                parameterization=parameterization)
-  if sampling.sampler == 'dpm_solver':
-    return samplers.dpm_solver_sample(model_fn, x_T, schedule, num_steps, spacing=sampling.spacing,
-                                      parameterization=parameterization)
+  img2img = {'x0_init': init, 'strength': sampling.strength}
+  try:
+    if sampling.sampler == 'ddim':
+      keep, x0_known = known if known is not None else (None, None)
+      return samplers.ddim_sample(model_fn, x_T, rng, schedule, num_steps, sampling.eta, sampling.spacing,
+                                  parameterization=parameterization, mask=keep, x0_known=x0_known, **img2img)
+    if sampling.sampler == 'ddpm':
+      return samplers.ddpm_sample(model_fn, x_T, rng, schedule,
+                                  None if num_steps >= schedule.num_timesteps else num_steps,
+                                  parameterization=parameterization, clip_denoised=clip_denoised, **img2img)
+    if sampling.sampler == 'plms':
+      return samplers.plms_sample(model_fn, x_T, schedule, num_steps, spacing=sampling.spacing,
+                                  parameterization=parameterization, **img2img)
+    if sampling.sampler == 'dpm_solver':
+      return samplers.dpm_solver_sample(model_fn, x_T, schedule, num_steps, spacing=sampling.spacing,
+                                        parameterization=parameterization, **img2img)
+  except samplers.StrengthError as e:
+    raise ConfigError(f'sample.strength: {e} (sample.sampler={sampling.sampler}, '
+                      f'sample.num_steps={num_steps})') from e
   raise ConfigError(f'sample.sampler: {sampling.sampler!r} is not one of {", ".join(SAMPLERS)}')
 
 
@@ -251,11 +256,11 @@ def guided_model_fn(model: LatentDenoiser, params, raw: dict, guidance_scale: fl
 
 def sample_latents(model: LatentDenoiser, config, schedule, params, rng, raw, num_samples: int,
                    num_steps: int, shape: tuple[int, int, int] | None = None, nulls=None,
-                   batch_sharding=None, known=None, residual_fn=None) -> jax.Array:
+                   batch_sharding=None, known=None, residual_fn=None, init=None) -> jax.Array:
   """Latents (num_samples, h, w, c) drawn with config.sample's sampler and guidance; `shape` (h, w, c)
   defaults to the training latents; `batch_sharding` splits the samples over devices; `known`: see
   known_latents; `residual_fn`: see image_residual_fn; given, the sampler follows the image-space guider
-  at sample.image_guidance_scale."""
+  at sample.image_guidance_scale; `init`: img2img's start latents (see init_latents)."""
   if nulls is None:
     nulls = conditioning.null_values(config)
   model_fn = guided_model_fn(model, params, raw, config.sample.guidance_scale, nulls)
@@ -267,7 +272,7 @@ def sample_latents(model: LatentDenoiser, config, schedule, params, rng, raw, nu
   if batch_sharding is not None:
     x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
   return run_sampler(config.sample, model_fn, x_T, sampler_rng, schedule, num_steps,
-                     config.diffusion.parameterization, config.diffusion.clip_denoised, known)
+                     config.diffusion.parameterization, config.diffusion.clip_denoised, known, init)
 
 
 def known_latents(concat, mask, scale_factor) -> tuple[jax.Array, jax.Array]:
@@ -283,6 +288,13 @@ def known_latents(concat, mask, scale_factor) -> tuple[jax.Array, jax.Array]:
   hole = jax.lax.reduce_window(mask.astype(jnp.float32), -jnp.inf, jax.lax.max, (1, f, f, 1), (1, f, f, 1), 'VALID')
   hole = jax.lax.reduce_window(hole, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), 'SAME')
   return 1.0 - hole, concat[..., :-1] * scale_factor
+
+
+def init_latents(config, autoencoder, ae_params, images, scale_factor) -> jax.Array:
+  """img2img's start: images (B, H, W, 3) in [-1, 1] encoded by stage 1 (a KL posterior's mode, so the
+  same image always starts at the same latents) in the units of the diffused latents."""
+  moments = autoencoder.apply({'params': ae_params}, images.astype(jnp.float32), method=autoencoder.encode_moments)
+  return latents_from_moments(config.autoencoder.kind, moments) * scale_factor
 
 
 def decode_latents(autoencoder, ae_params, latents, scale_factor) -> jax.Array:
@@ -355,7 +367,8 @@ def device_conditions(config, autoencoder, ae_params, batch: dict, latent_hw) ->
 def make_sampler(model: LatentDenoiser, autoencoder, config, schedule, shape=None, tokenizer=None, mesh=None):
   """A jitted fn(params, ae_params, scale_factor, rng, inputs, *, num_samples, num_steps) -> images
   (num_samples, H, W, 3) in [-1, 1]; inputs are host inputs of the conditions (train/conditioning.py:
-  e.g. {'label': (N,)}, {'tokens': (N, L)}, {'image', 'mask'} for inpainting) or {}. `shape`: the latent
+  e.g. {'label': (N,)}, {'tokens': (N, L)}, {'image', 'mask'} for inpainting) or {}, plus 'init_image'
+  (N, H, W, 3) in [-1, 1] for img2img at sample.strength. `shape`: the latent
   (h, w, c), default the training size; convolutional models sample larger ones. With a `mesh`, the
   samples are split over its devices (num_samples must divide by their number) and so are the images.
 
@@ -371,10 +384,12 @@ def make_sampler(model: LatentDenoiser, autoencoder, config, schedule, shape=Non
              if config.sample.keep_known_latents else None)
     residual_fn = (image_residual_fn(config, autoencoder, ae_params, inputs, scale_factor)
                    if config.sample.image_guidance_scale > 0 else None)
+    init = (init_latents(config, autoencoder, ae_params, inputs['init_image'], scale_factor)
+            if 'init_image' in inputs else None)
     if scales_encoded_concat(config):
       raw = scale_encoded_concat(raw, scale_factor)
     latents = sample_latents(model, config, schedule, params, rng, raw, num_samples, num_steps, shape, nulls,
-                             batch_sharding, known, residual_fn)
+                             batch_sharding, known, residual_fn, init)
     return jnp.clip(decode_latents(autoencoder, ae_params, latents, scale_factor), -1.0, 1.0)
 
   placement = {} if batch_sharding is None else {'out_shardings': batch_sharding}

@@ -416,3 +416,27 @@ def test_sampler_with_a_mesh_splits_the_samples_over_eight_devices_and_draws_the
                                'JAX_PLATFORMS': 'cpu'})
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip().endswith('ok')
+
+
+def test_img2img_sampler_starts_from_the_stage1_mode_in_the_units_of_the_diffused_latents(make_random_params):
+  """At the least strength (one DDIM step from t = 1) the sample decodes to about the image's stage-1
+  reconstruction; scale_factor 4 makes the units matter: the mode itself (not times scale_factor)
+  would decode as mode / 4."""
+  config = micro_config()
+  config.sample.strength = 0.25  # 1 of 4 steps
+  model = diffusion.build_denoiser(config)
+  autoencoder = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, resolution=16)
+  params = make_random_params(jax.eval_shape(lambda r: diffusion.init_params(model, config, r),
+                                             jax.random.PRNGKey(0)))
+  ae_params = make_random_params(jax.eval_shape(autoencoder.init, jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 16, 16, 3)))['params'], 1)
+  sampler = diffusion.make_sampler(model, autoencoder, config, diffusion.schedule_from_config(config))
+  image = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  draw = lambda inputs: np.asarray(sampler(params, ae_params, jnp.float32(4.0), jax.random.PRNGKey(3), inputs,
+                                           num_samples=2, num_steps=4))
+  mode = autoencoder.apply({'params': ae_params}, image, method=autoencoder.encode).mode()
+  decode = lambda z: np.clip(autoencoder.apply({'params': ae_params}, z, method=autoencoder.decode), -1, 1)
+  img2img = draw({'init_image': image})
+  near = np.abs(img2img - decode(mode)).mean()
+  assert near < np.abs(img2img - decode(mode / 4)).mean() / 4
+  assert near < np.abs(draw({}) - decode(mode)).mean() / 4
