@@ -1,7 +1,7 @@
 """The conditions of a sample grid: from the command line (sample.prompt, class_label, layout,
-segmentation, image, mask; and img2img's sample.init_image) or, without those and for the grids written during training, from the
+segmentation, image, mask) or, without those and for the grids written during training, from the
 held-out data (the synthetic set's unseen seeds, data.eval_path, ...), so that every sample can be
-checked against the condition it was given.
+checked against the condition it was given. Also img2img's start image (sample.init_image).
 
 `grid_inputs` returns (inputs, display): `inputs` are the host inputs the sampler reads
 (train/conditioning.host_inputs), `display` the condition as data fields (caption, boxes,
