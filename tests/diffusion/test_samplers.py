@@ -375,6 +375,16 @@ def test_img2img_dpm_solver_equals_diffusers_img2img_pipeline_loop(schedule, x_T
   assert_same_trajectory(ours, diffusers_img2img_trajectory(scheduler, 20, strength, x0_init, x_T))
 
 
+def test_img2img_plms_at_strength_one_equals_diffusers_pndm_img2img_loop(schedule, x_T, x0_init):
+  """Below strength 1, diffusers' PNDM runs one step more than int(strength * S): get_timesteps slices
+  its 51-entry list, which holds its second timestep twice (for the pseudo improved-Euler start). At
+  strength 1 both run every step from the image noised to the top timestep: ours are its last 50."""
+  ours = samplers.plms_sample(toy_model, jnp.asarray(x_T), schedule, 50, x0_init=jnp.asarray(x0_init),
+                              strength=1.0, return_intermediates=True)
+  scheduler = PNDMScheduler(**DIFFUSERS_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+  assert_same_trajectory(ours, diffusers_img2img_trajectory(scheduler, 50, 1.0, x0_init, x_T)[1:])
+
+
 def test_img2img_respaced_ddpm_equals_diffusers_img2img_pipeline_loop(schedule, x_T, x0_init, monkeypatch):
   rng = jax.random.PRNGKey(9)
   ours = samplers.ddpm_sample(toy_model, jnp.asarray(x_T), rng, schedule, 50, x0_init=jnp.asarray(x0_init),
