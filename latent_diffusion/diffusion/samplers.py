@@ -17,6 +17,7 @@ img2img (SDEdit, Meng et al. 2022): given `x0_init`, every sampler runs only the
 x_T as the noise, as diffusers' img2img pipelines (get_timesteps, then scheduler.add_noise).
 """
 
+import math
 from typing import Callable
 
 import jax
@@ -79,8 +80,9 @@ def img2img_steps(num_steps: int, strength: float) -> int:
     raise StrengthError(f'strength must be in (0, 1], got {strength}')
   kept = min(int(num_steps * strength), num_steps)
   if kept < 1:
+    least = math.ceil(1e4 / num_steps) / 1e4  # 1 / num_steps rounded up, so that it does run one
     raise StrengthError(f'strength {strength} runs none of the {num_steps} sampler steps; '
-                        f'the least that runs one is {1 / num_steps:.4g}')
+                        f'the least that runs one is {least:g}')
   return kept
 
 

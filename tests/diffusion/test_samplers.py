@@ -415,11 +415,19 @@ def test_img2img_at_the_least_strength_runs_one_step_from_the_slightly_noised_im
 
 
 @pytest.mark.parametrize('strength, message', [(0.0, r'\(0, 1\]'), (1.5, r'\(0, 1\]'),
-                                               (0.01, 'the least that runs one is 0.1')])
+                                               (0.01, 'the least that runs one is 0.1$')])
 def test_img2img_strength_outside_0_1_or_running_no_step_raises_naming_it(small_schedule, strength, message):
   x = jnp.zeros((1, 2, 2, 1))
   with pytest.raises(samplers.StrengthError, match=message):
     samplers.ddim_sample(toy_model, x, jax.random.PRNGKey(0), small_schedule, 10, x0_init=x, strength=strength)
+
+
+@pytest.mark.parametrize('num_steps', [3, 7, 10, 49, 50, 999])
+def test_the_least_strength_the_error_names_runs_exactly_one_step(num_steps):
+  with pytest.raises(samplers.StrengthError, match='the least that runs one is') as error:
+    samplers.img2img_steps(num_steps, 0.5 / num_steps)
+  least = float(str(error.value).rsplit(' ', 1)[1])
+  assert samplers.img2img_steps(num_steps, least) == 1
 
 
 def test_masked_ddim_keeps_the_known_region_and_samples_the_rest(small_schedule, x_T):
