@@ -10,7 +10,7 @@ deviation across them, in [0, 1] units). Writes <out>/img2img_strength.json and 
 
   python experiments/img2img_strength.py --workdir=OUT/workdirs/ldm4 --f=4 --out=OUT/img2img
 
---workdir is a run of experiments/f_sweep.py (its LDM-<f> config is rebuilt from --f and --budget).
+--workdir is an LDM of a full-mode run of experiments/f_sweep.py (its config is rebuilt from --f).
 """
 
 import argparse
@@ -19,7 +19,6 @@ import os
 import sys
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,14 +28,16 @@ if str(REPO) not in sys.path:
 
 from experiments import f_sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
 from latent_diffusion import images, sample, sample_inputs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from latent_diffusion.evaluate.metrics import image_metrics  # pylint: disable=g-import-not-at-top,wrong-import-position
 from latent_diffusion.train import autoencoder as stage1  # pylint: disable=g-import-not-at-top,wrong-import-position
 from latent_diffusion.train import diffusion, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Per-image PSNR (dB) of [-1, 1] images, on the [0, 1] scale."""
-  mse = np.mean(((a - b) / 2.0) ** 2, axis=(-3, -2, -1))
-  return 10 * np.log10(1.0 / np.maximum(mse, 1e-10))
+def mean_psnr(truth: np.ndarray, samples: np.ndarray) -> float:
+  """Mean per-image PSNR (dB) of [-1, 1] samples against `truth`, broadcast to their shape
+  (metrics.image_metrics)."""
+  flat = lambda a: jnp.asarray(np.broadcast_to(a, samples.shape).reshape((-1,) + samples.shape[-3:]))
+  return float(np.mean(image_metrics(flat(truth), flat(samples))[0]))
 
 
 def sweep(config, workdir: str, starts: np.ndarray, strengths, samples_per_face: int, seed: int = 0):
@@ -56,12 +57,11 @@ def sweep(config, workdir: str, starts: np.ndarray, strengths, samples_per_face:
     drawn = sample.draw_samples(config, sampler, params, ae_params, scale_factor, {'init_image': init},
                                 len(init), seed).reshape((faces, samples_per_face) + starts.shape[1:])
     spread = np.mean(np.std((drawn + 1) / 2, axis=1))
-    rows.append({'strength': strength, 'psnr_to_start': float(np.mean(psnr(drawn, starts[:, None]))),
-                 'spread': float(spread)})
+    rows.append({'strength': strength, 'psnr_to_start': mean_psnr(starts[:, None], drawn), 'spread': float(spread)})
     firsts.append(drawn[:, 0])
     print(json.dumps(rows[-1]))
   grid = np.concatenate([starts[:, None]] + [f[:, None] for f in firsts], axis=1)
-  return {'step': int(step), 'reconstruction_psnr': float(np.mean(psnr(reconstructions, starts))),
+  return {'step': int(step), 'reconstruction_psnr': mean_psnr(starts, reconstructions),
           'faces': faces, 'samples_per_face': samples_per_face, 'sampler': diffusion.sampler_tag(config),
           'strengths': rows}, grid
 

@@ -102,21 +102,20 @@ def condition_panels(key: str, display: dict, count: int, height: int, width: in
   return np.stack(panels)
 
 
-def conditional_grid(samples: np.ndarray, panels, pairs_per_row: int | None = None) -> np.ndarray:
-  """uint8 grid of [panel | sample] pairs (samples [-1, 1] (N, H, W, 3)); `panels` is one (N, h, w, 3)
-  uint8 stack, or a list of them shown left to right before each sample (e.g. the condition, then
-  img2img's start image); plain samples without panels. Samples smaller than the panels are enlarged
-  (nearest) to their size."""
+def conditional_grid(samples: np.ndarray, panels: list[np.ndarray],
+                     pairs_per_row: int | None = None) -> np.ndarray:
+  """uint8 grid of [panels | sample] groups (samples [-1, 1] (N, H, W, 3)); `panels` holds (N, h, w, 3)
+  uint8 stacks shown left to right before each sample (e.g. the condition, then img2img's start image);
+  plain samples without panels. Samples smaller than the panels are enlarged (nearest) to their size."""
   shown = image_io.to_uint8(samples)
-  stacks = [] if panels is None else [panels] if isinstance(panels, np.ndarray) else list(panels)
-  if not stacks:
+  if not panels:
     return image_io.make_grid(shown)
-  height, width = stacks[0].shape[1:3]
+  height, width = panels[0].shape[1:3]
   if shown.shape[1:3] != (height, width):
     shown = np.stack([np.asarray(Image.fromarray(s).resize((width, height), Image.Resampling.NEAREST))
                       for s in shown])
-  groups = np.stack(stacks + [shown], axis=1).reshape((-1,) + stacks[0].shape[1:])
-  columns = (len(stacks) + 1) * (pairs_per_row or max(1, int(np.ceil(np.sqrt(len(samples))))))
+  groups = np.stack([*panels, shown], axis=1).reshape((-1,) + panels[0].shape[1:])
+  columns = (len(panels) + 1) * (pairs_per_row or max(1, int(np.ceil(np.sqrt(len(samples))))))
   return image_io.make_grid(groups, columns)
 
 

@@ -47,6 +47,6 @@ def test_conditional_grid_puts_several_panels_before_each_sample_in_order():
 def test_conditional_grid_pairs_each_condition_with_its_enlarged_sample():
   samples = np.zeros((3, 16, 16, 3), np.float32)
   panels = np.full((3, 128, 128, 3), 7, np.uint8)
-  grid = condition_images.conditional_grid(samples, panels, pairs_per_row=3)
+  grid = condition_images.conditional_grid(samples, [panels], pairs_per_row=3)
   assert grid.shape == (2 + 128 + 2, 6 * (128 + 2) + 2, 3)
   assert (grid[2:130, 2:130] == 7).all() and (grid[2:130, 132:260] == 128).all()
