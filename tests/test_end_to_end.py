@@ -15,7 +15,6 @@ import tiny_config
 from configs import lsun_churches_f8
 from latent_diffusion import main
 from latent_diffusion.errors import ConfigError
-from latent_diffusion.models.distributions import DiagonalGaussian
 from latent_diffusion.train import autoencoder as stage1
 
 
@@ -118,10 +117,9 @@ def test_sample_mode_img2img_starts_from_the_encoded_image_and_shows_it_beside_e
   read = lambda name: np.stack([np.asarray(Image.open(p), np.float32) / 127.5 - 1
                                 for p in sorted((directory / name).glob('*.png'))])
   autoencoder, params = stage1.load_params(config, trained_workdir)
-  moments = autoencoder.apply({'params': params}, jnp.asarray(start[None], jnp.float32) / 127.5 - 1,
-                              method=autoencoder.encode_moments)
+  mode = autoencoder.apply({'params': params}, jnp.asarray(start[None], jnp.float32) / 127.5 - 1,
+                           method=autoencoder.encode).mode()
   decode = lambda z: np.clip(autoencoder.apply({'params': params}, z, method=autoencoder.decode), -1, 1)
-  mode = DiagonalGaussian(moments).mode()
   img2img = read('sample_step2_ddim4_eta0_seed0_img2img0.25')
   config.sample.init_image = ''
   main.run(config, str(trained_workdir))  # the same seed from noise

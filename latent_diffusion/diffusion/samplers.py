@@ -78,7 +78,7 @@ def img2img_steps(num_steps: int, strength: float) -> int:
   get_timesteps. strength 1 runs them all (from the noisiest timestep, not from pure noise)."""
   if not 0.0 < strength <= 1.0:
     raise StrengthError(f'strength must be in (0, 1], got {strength}')
-  kept = min(int(num_steps * strength), num_steps)
+  kept = int(num_steps * strength)  # <= num_steps, as strength <= 1
   if kept < 1:
     least = math.ceil(1e4 / num_steps) / 1e4  # 1 / num_steps rounded up, so that it does run one
     raise StrengthError(f'strength {strength} runs none of the {num_steps} sampler steps; '
