@@ -1,5 +1,6 @@
 """Both training stages on 1 CPU device and on 8 (data=4 x fsdp=2, XLA_FLAGS forces 8 host
-devices), same config and data: the per-step loss differences, as JSON.
+devices), same config and data: the per-step loss differences and each mesh's training speed
+(median steps/s after the first, compiling, step), as JSON.
 
   python benchmarks/mesh_parity.py --steps=6 --out=benchmarks/results/mesh_parity.json
 
@@ -9,6 +10,7 @@ Runs `python -m latent_diffusion.main` on tests/tiny_config.py in two fresh proc
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,15 +30,18 @@ MESHES = {'1 device': ({}, ''),
 def run(workdir, steps, overrides, extra_flags):
   flags = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
            + extra_flags).strip()
-  command = kill_loop.main_command(workdir, 'train', {'autoencoder_train.num_steps': steps,
-                                                      'diffusion_train.num_steps': steps, **overrides})
+  command = kill_loop.main_command(workdir, 'train', {  # one checkpoint per stage, at its end
+      'autoencoder_train.num_steps': steps, 'diffusion_train.num_steps': steps,
+      'autoencoder_train.checkpoint_every_steps': steps, 'diffusion_train.checkpoint_every_steps': steps,
+      **overrides})
   subprocess.run(command, cwd=REPO_ROOT, env=kill_loop.subprocess_env({'XLA_FLAGS': flags}), check=True,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  losses = {}
+  losses, speeds = {}, {}
   for stage in ('autoencoder', 'diffusion'):
-    lines = (Path(workdir) / stage / 'metrics.jsonl').read_text().splitlines()
-    losses[stage] = {record['step']: record['loss'] for record in map(json.loads, lines)}
-  return losses
+    records = [json.loads(line) for line in (Path(workdir) / stage / 'metrics.jsonl').read_text().splitlines()]
+    losses[stage] = {record['step']: record['loss'] for record in records}
+    speeds[stage] = statistics.median(record['steps_per_second'] for record in records[1:])
+  return losses, speeds
 
 
 def main():
@@ -45,9 +50,10 @@ def main():
   parser.add_argument('--out', default='')
   args = parser.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
-    losses = {name: run(Path(tmp) / str(i), args.steps, *mesh) for i, (name, mesh) in enumerate(MESHES.items())}
-  one, eight = losses.values()
-  report = {'steps': args.steps, 'config': 'tests/tiny_config.py', 'stages': {}}
+    runs = {name: run(Path(tmp) / str(i), args.steps, *mesh) for i, (name, mesh) in enumerate(MESHES.items())}
+  one, eight = (losses for losses, _ in runs.values())
+  report = {'steps': args.steps, 'config': 'tests/tiny_config.py', 'stages': {},
+            'steps_per_second': {name: speeds for name, (_, speeds) in runs.items()}}
   for stage in one:
     rows = [{'step': s, 'loss_1': one[stage][s], 'loss_8': eight[stage][s],
              'abs_diff': abs(one[stage][s] - eight[stage][s]),

@@ -200,7 +200,8 @@ def test_eight_devices_match_one_device_and_restore_onto_one(straight, tmp_path)
   workdir = tmp_path / 'eight'
   result = run_main(workdir, 'train',
                     {'autoencoder_train.num_steps': STEPS, 'diffusion_train.num_steps': 3,
-                     'autoencoder_train.eval_every_steps': 0,
+                     'autoencoder_train.eval_every_steps': 0, 'autoencoder_train.checkpoint_every_steps': 100,
+                     'diffusion_train.checkpoint_every_steps': 100,  # each stage's final save only
                      'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.fsdp_min_size': 4096},
                     extra_env={'XLA_FLAGS': os.environ['XLA_FLAGS'] +
                                ' --xla_force_host_platform_device_count=8'})
@@ -234,7 +235,8 @@ def test_two_jax_distributed_processes_train_checkpoint_and_resume(tmp_path):
     address = f'127.0.0.1:{sharding._free_local_port()}'  # pylint: disable=protected-access
     processes = [subprocess.Popen(
         kill_loop.main_command(workdir, 'train_autoencoder', {
-            'autoencoder_train.num_steps': num_steps, 'autoencoder.ch_mult': '(1,)',
+            'autoencoder_train.num_steps': num_steps, 'autoencoder_train.checkpoint_every_steps': 100,
+            'autoencoder.ch_mult': '(1,)',
             'autoencoder.attn_resolutions': '()', 'distributed.coordinator_address': address,
             'distributed.num_processes': 2, 'distributed.process_id': index}),
         cwd=kill_loop.REPO_ROOT, env=kill_loop.subprocess_env(), stdout=subprocess.PIPE,
