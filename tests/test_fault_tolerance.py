@@ -145,8 +145,10 @@ def test_sigterm_to_every_process_saves_then_resumes_as_if_uninterrupted_and_sig
     straight, tmp_path):
   """A cluster's preemption signals every process of the job, the data workers too, in no set order.
   The workers are signalled first here, two seconds before the main process: it must keep getting
-  batches up to the agreed step, save, and exit 0. A resumed run is then killed outright: its workers
-  must die with it. Resuming once more, to the end, gives what a run never interrupted gives."""
+  batches up to the agreed step, save, and exit 0. A resumed run, saving at every step, is then
+  killed outright soon after its first save, while it trains and saves on: its workers must die
+  with it, and its latest checkpoint must restore. Resuming from it to the end gives what a run
+  never interrupted gives."""
   workdir = tmp_path / 'preempted'
   overrides = {'autoencoder_train.num_steps': 10000, 'autoencoder_train.checkpoint_every_steps': 10000,
                'autoencoder_train.eval_every_steps': 0, 'data.worker_count': 2}
@@ -160,8 +162,15 @@ def test_sigterm_to_every_process_saves_then_resumes_as_if_uninterrupted_and_sig
   saved_step = saved_on_preemption(process, workdir)
   assert saved_step >= 2
 
-  killed = start_training(workdir, overrides, logged_steps=saved_step + 1, start_new_session=True)
+  killed = start_training(workdir, {**overrides, 'autoencoder_train.checkpoint_every_steps': 1},
+                          logged_steps=saved_step + 1, start_new_session=True)
   assert len(other_processes_of_group(killed.pid)) >= 2
+  checkpoint_dir = workdir / 'autoencoder' / 'checkpoints'
+  deadline = time.time() + 300
+  while kill_loop.finished_steps(checkpoint_dir) <= saved_step and killed.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  time.sleep(0.3)  # a save takes about a second here: the next one is likely in flight
+  assert killed.poll() is None, killed.communicate()[1][-3000:]
   killed.kill()
   killed.communicate(timeout=60)
   lines = (workdir / 'autoencoder' / 'metrics.jsonl').read_text().splitlines()
@@ -171,12 +180,16 @@ def test_sigterm_to_every_process_saves_then_resumes_as_if_uninterrupted_and_sig
   while other_processes_of_group(killed.pid) and time.time() < deadline:
     time.sleep(0.1)
   assert not other_processes_of_group(killed.pid)
+  checkpoints = common.stage_checkpoints(workdir, 'autoencoder')
+  killed_step = checkpoints.latest_step()  # the killed run's newest finished save
+  checkpoints.close()
+  assert killed_step > saved_step
 
-  # The killed run saved nothing: this one resumes from the preemption's checkpoint, past it, and is
-  # compared with a run that was never interrupted (the workers give the in-process batches).
-  final_step = max(STEPS, saved_step + 1)
+  # This run restores the killed run's latest checkpoint (a failed restore raises), trains past it,
+  # and is compared with a run that was never interrupted (the workers give the in-process batches).
+  final_step = max(STEPS, killed_step + 1)
   reference = straight
-  if final_step > STEPS:  # the notice took unusually long to agree on: train a longer reference
+  if final_step > STEPS:  # the runs took unusually many steps: train a longer reference
     reference = tmp_path / 'uninterrupted'
     main.run(tiny('train_autoencoder', autoencoder_train__num_steps=final_step), str(reference))
   main.run(tiny('train_autoencoder', autoencoder_train__num_steps=final_step, data__worker_count=2), str(workdir))
@@ -186,8 +199,10 @@ def test_sigterm_to_every_process_saves_then_resumes_as_if_uninterrupted_and_sig
   assert sorted(resumed_metrics) == list(range(1, final_step + 1))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_never_leaves_a_checkpoint_that_fails_to_restore(tmp_path):
-  """The short loop; tests/kill_loop.py --kills=30 is the long one."""
+  """Two rounds of tests/kill_loop.py (--kills=30 is the long loop). The SIGTERM test above covers
+  one such kill, during the saves of a resumed run, and the resume from what it left."""
   result = kill_loop.kill_loop(tmp_path / 'killed', kills=2, seed=1, max_delay=4.0)
   assert result['kills'] == 2 and result['failures'] == 0, result['errors']
   assert result['restores'] == 2 and result['latest_step'] >= 2, result
