@@ -27,19 +27,23 @@ def write_config(directory: Path, config) -> None:
 def make_writer(directory: Path):
   """A clu MetricWriter: TensorBoard events in `directory` on process 0, plain logging elsewhere.
 
-  clu's writers import TensorFlow, so they are imported here, by training runs only: the models,
-  samplers and benchmarks import without it (as on accelerator images that lack it).
+  clu's writers import TensorFlow (about 8 s on a 2-core CPU), so they are imported here, by process
+  0 of a training run only: the models, samplers, benchmarks and the other processes of a job go
+  without it (as on accelerator images that lack it).
   """
+  if jax.process_index() > 0:
+    return LoggingWriter()
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError as e:  # no TensorFlow on this image: scalars still reach the log and metrics.jsonl
     logging.warning('TensorBoard events off (%s); logging metrics only', e)
     return LoggingWriter()
-  return metric_writers.create_default_writer(str(directory), just_logging=jax.process_index() > 0)
+  return metric_writers.create_default_writer(str(directory))
 
 
 class LoggingWriter:
-  """The writer methods the loops use, logging scalars only (where clu's TensorFlow writers cannot load)."""
+  """The writer methods the loops use, logging scalars only: on processes other than 0, and where
+  clu's TensorFlow writers cannot load."""
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     logging.info('[%d] %s', step, ', '.join(f'{k}={float(v):.6g}' for k, v in scalars.items()))

@@ -276,9 +276,14 @@ def test_a_line_torn_by_a_killed_run_is_dropped_before_the_resumed_run_appends(t
   assert path.read_text().count('\n') == 301  # a log that ends with a whole line is left as it is
 
 
-def test_make_writer_logs_scalars_when_clu_writers_cannot_load(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize('why', ['no clu', 'not process 0'])
+def test_make_writer_logs_scalars_when_clu_writers_cannot_load_or_are_not_needed(tmp_path, monkeypatch,
+                                                                                   caplog, why):
   import sys  # pylint: disable=g-import-not-at-top
-  monkeypatch.setitem(sys.modules, 'clu', None)  # as on an accelerator image without TensorFlow
+  if why == 'no clu':
+    monkeypatch.setitem(sys.modules, 'clu', None)  # as on an accelerator image without TensorFlow
+  else:  # process 0 writes the events; the others log only, without importing clu's TensorFlow
+    monkeypatch.setattr(loop.jax, 'process_index', lambda: 1)
   writer = loop.make_writer(tmp_path)
   assert isinstance(writer, loop.LoggingWriter)
   with caplog.at_level('INFO'):
