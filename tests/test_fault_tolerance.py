@@ -82,15 +82,16 @@ def straight(tmp_path_factory):
   return workdir
 
 
-# With 16 examples in batches of 8, an epoch is 2 batches. Stage 1 stops after step 3 (inside its
-# second epoch) and after step 4 (at an epoch boundary); stage 2's scale_by_std reads one batch before
-# its first step, so it stops after step 2 (inside an epoch) and step 3 (at a boundary).
-@pytest.mark.parametrize('stage, stops', [('autoencoder', (3, 4)), ('diffusion', (2, 3))])
-def test_stopping_and_resuming_is_bitwise_equal_to_training_straight(straight, tmp_path, stage, stops):
+# With 16 examples in batches of 8, an epoch is 2 batches. Stage 1 stops after step 3, inside its
+# second epoch. Stage 2's scale_by_std reads one batch before its first step, so its stop after step 3
+# is at an epoch boundary. Both stages restore the data iterator with the same code: each position is
+# tested once.
+@pytest.mark.parametrize('stage', ['autoencoder', 'diffusion'])
+def test_stopping_and_resuming_is_bitwise_equal_to_training_straight(straight, tmp_path, stage):
   workdir = tmp_path / 'resumed'
   if stage == 'diffusion':  # the same trained stage 1
     shutil.copytree(straight / 'autoencoder', workdir / 'autoencoder')
-  for num_steps in stops + (STEPS,):  # each run restores the last one's checkpoint
+  for num_steps in (3, STEPS):  # the second run restores the first one's checkpoint
     main.run(tiny(f'train_{stage}', **{f'{stage}_train__num_steps': num_steps}), str(workdir))
   resumed, reference = final_state(workdir, stage), final_state(straight, stage)
   assert int(resumed.step) == STEPS
