@@ -29,11 +29,16 @@ STAGES = {'autoencoder': autoencoder, 'diffusion': diffusion}
 STEPS = 6
 
 
+# Only each stage's final (or preemption) save: in-process runs and the subprocesses that need no more.
+FINAL_SAVES_ONLY = {'autoencoder_train.checkpoint_every_steps': 100, 'diffusion_train.checkpoint_every_steps': 100}
+
+
 def tiny(mode='train', **overrides):
   config = tiny_config.get_config()
   config.mode = mode
-  config.autoencoder_train.checkpoint_every_steps = 100  # only the final (or preemption) save
-  config.diffusion_train.checkpoint_every_steps = 100
+  for name, value in FINAL_SAVES_ONLY.items():
+    section, field = name.split('.')
+    config[section][field] = value
   config.autoencoder_train.eval_every_steps = 0  # validation is not what these tests are about
   for name, value in overrides.items():
     section, field = name.split('__')
@@ -101,17 +106,30 @@ def test_stopping_and_resuming_is_bitwise_equal_to_training_straight(straight, t
   assert metrics(workdir, stage) == metrics(straight, stage)  # every logged value of every step
 
 
+def wait_until(done, process, timeout=600):
+  """Poll until done() (or the timeout); the training process must still be running then."""
+  deadline = time.time() + timeout
+  while not done() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  assert process.poll() is None, process.communicate()[1][-3000:]
+
+
 def start_training(workdir, overrides, logged_steps, **popen_args):
   """`python -m latent_diffusion.main` training stage 1 in a subprocess, once it has logged `logged_steps`."""
   process = subprocess.Popen(kill_loop.main_command(workdir, 'train_autoencoder', overrides),
                              cwd=kill_loop.REPO_ROOT, env=kill_loop.subprocess_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, **popen_args)
   metrics_path = workdir / 'autoencoder' / 'metrics.jsonl'
-  deadline = time.time() + 600
-  while kill_loop.logged_steps(metrics_path) < logged_steps and process.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  assert process.poll() is None, process.communicate()[1][-3000:]
+  wait_until(lambda: kill_loop.logged_steps(metrics_path) >= logged_steps, process)
   return process
+
+
+def latest_saved_step(workdir) -> int | None:
+  checkpoints = common.stage_checkpoints(workdir, 'autoencoder')
+  try:
+    return checkpoints.latest_step()
+  finally:
+    checkpoints.close()
 
 
 def saved_on_preemption(process, workdir) -> int:
@@ -119,9 +137,7 @@ def saved_on_preemption(process, workdir) -> int:
   _, stderr = process.communicate(timeout=300)
   assert process.returncode == 0, stderr[-3000:]
   assert 'preempted; saved a checkpoint at step' in stderr
-  checkpoints = common.stage_checkpoints(workdir, 'autoencoder')
-  saved_step = checkpoints.latest_step()
-  checkpoints.close()
+  saved_step = latest_saved_step(workdir)
   assert saved_step is not None and 1 <= saved_step < 10000  # saved on SIGTERM, not by schedule
   assert max(metrics(workdir, 'autoencoder')) == saved_step  # no step ran past the save
   return saved_step
@@ -167,9 +183,7 @@ def test_sigterm_to_every_process_saves_then_resumes_as_if_uninterrupted_and_sig
                           logged_steps=saved_step + 1, start_new_session=True)
   assert len(other_processes_of_group(killed.pid)) >= 2
   checkpoint_dir = workdir / 'autoencoder' / 'checkpoints'
-  deadline = time.time() + 300
-  while kill_loop.finished_steps(checkpoint_dir) <= saved_step and killed.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
+  wait_until(lambda: kill_loop.finished_steps(checkpoint_dir) > saved_step, killed, timeout=300)
   time.sleep(0.3)  # a save takes about a second here: the next one is likely in flight
   assert killed.poll() is None, killed.communicate()[1][-3000:]
   killed.kill()
@@ -181,9 +195,7 @@ def test_sigterm_to_every_process_saves_then_resumes_as_if_uninterrupted_and_sig
   while other_processes_of_group(killed.pid) and time.time() < deadline:
     time.sleep(0.1)
   assert not other_processes_of_group(killed.pid)
-  checkpoints = common.stage_checkpoints(workdir, 'autoencoder')
-  killed_step = checkpoints.latest_step()  # the killed run's newest finished save
-  checkpoints.close()
+  killed_step = latest_saved_step(workdir)  # the killed run's newest finished save
   assert killed_step > saved_step
 
   # This run restores the killed run's latest checkpoint (a failed restore raises), trains past it,
@@ -216,8 +228,7 @@ def test_eight_devices_match_one_device_and_restore_onto_one(straight, tmp_path)
   workdir = tmp_path / 'eight'
   result = run_main(workdir, 'train',
                     {'autoencoder_train.num_steps': STEPS, 'diffusion_train.num_steps': 3,
-                     'autoencoder_train.eval_every_steps': 0, 'autoencoder_train.checkpoint_every_steps': 100,
-                     'diffusion_train.checkpoint_every_steps': 100,  # each stage's final save only
+                     'autoencoder_train.eval_every_steps': 0, **FINAL_SAVES_ONLY,
                      'mesh.data': 4, 'mesh.fsdp': 2, 'mesh.fsdp_min_size': 4096},
                     extra_env={'XLA_FLAGS': os.environ['XLA_FLAGS'] +
                                ' --xla_force_host_platform_device_count=8'})
@@ -251,8 +262,7 @@ def test_two_jax_distributed_processes_train_checkpoint_and_resume(tmp_path):
     address = f'127.0.0.1:{sharding._free_local_port()}'  # pylint: disable=protected-access
     processes = [subprocess.Popen(
         kill_loop.main_command(workdir, 'train_autoencoder', {
-            'autoencoder_train.num_steps': num_steps, 'autoencoder_train.checkpoint_every_steps': 100,
-            'autoencoder.ch_mult': '(1,)',
+            'autoencoder_train.num_steps': num_steps, **FINAL_SAVES_ONLY, 'autoencoder.ch_mult': '(1,)',
             'autoencoder.attn_resolutions': '()', 'distributed.coordinator_address': address,
             'distributed.num_processes': 2, 'distributed.process_id': index}),
         cwd=kill_loop.REPO_ROOT, env=kill_loop.subprocess_env(), stdout=subprocess.PIPE,
