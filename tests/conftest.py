@@ -39,6 +39,8 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 jax.devices()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The repo and shared/ sit side by side: /work/main and /work/shared.
+SHARED_DATA = REPO_ROOT.parent / 'shared' / 'data'
 if str(REPO_ROOT) not in sys.path:  # `configs` is a top-level package beside latent_diffusion.
   sys.path.insert(0, str(REPO_ROOT))
 
@@ -76,6 +78,14 @@ def random_params(abstract_params, seed=0):
     return 0.1 * noise
 
   return jax.tree_util.tree_map_with_path(fill, abstract_params)
+
+
+@pytest.fixture
+def shared_data():
+  """Path of ../shared/data (the real images); skips the test when that folder is absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f'shared data folder not found at {SHARED_DATA}')
+  return SHARED_DATA
 
 
 @pytest.fixture(scope='session')

@@ -1,12 +1,7 @@
 """Fixtures shared by the data tests."""
 
-from pathlib import Path
-
 import ml_collections
 import pytest
-
-# The repo and shared/ sit side by side: /work/main and /work/shared.
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / 'shared' / 'data'
 
 
 def data_config(**overrides):
@@ -37,11 +32,3 @@ def data_config(**overrides):
 def make_data_config():
   """Builds a data ConfigDict: make_data_config(source='folder', path=...)."""
   return data_config
-
-
-@pytest.fixture
-def shared_data():
-  """Path of ../shared/data; skips the test when that folder is absent."""
-  if not SHARED_DATA.is_dir():
-    pytest.skip(f'shared data folder not found at {SHARED_DATA}')
-  return SHARED_DATA

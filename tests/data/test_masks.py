@@ -68,3 +68,25 @@ def test_strokes_are_thick_at_the_papers_scale():
 def test_too_small_size_raises_value_error():
   with pytest.raises(ValueError, match='>= 4, got 3'):
     masks.inpainting_mask(3, np.random.default_rng(0))
+
+
+def test_a_segment_sets_exactly_the_pixels_within_its_radius():
+  # Against the definition measured in float64 over the whole image: the bounding-box window and the
+  # squared float32 distances may only disagree on pixels within 1e-3 px of the stroke's edge.
+  # Segments run past the borders, lie outside the image, or have zero length.
+  rng = np.random.default_rng(0)
+  rows, cols = np.mgrid[0:32, 0:32].astype(np.float64)
+  for _ in range(300):
+    start, end = (rng.uniform(-10, 42, 2).astype(np.float32) for _ in range(2))
+    if rng.random() < 0.1:
+      end = start.copy()
+    radius = float(rng.uniform(0.3, 12))
+    mask = np.zeros((32, 32), bool)
+    masks._draw_segment(mask, start, end, radius)  # pylint: disable=protected-access
+    a, b = start.astype(np.float64), end.astype(np.float64)
+    direction = b - a
+    t = np.clip(((cols - a[0]) * direction[0] + (rows - a[1]) * direction[1])
+                / max(direction @ direction, 1e-300), 0, 1)
+    distance = np.hypot(cols - a[0] - t * direction[0], rows - a[1] - t * direction[1])
+    clear = np.abs(distance - radius) > 1e-3
+    np.testing.assert_array_equal(mask[clear], (distance <= radius)[clear])
