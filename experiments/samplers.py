@@ -22,7 +22,6 @@ if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SAMPLERS = ('ddim', 'plms', 'dpm_solver')
 
@@ -73,8 +72,10 @@ def plot(results: dict, path: Path) -> Path:
 
 
 if __name__ == '__main__':
-  config_flags.DEFINE_config_file('config', None, 'The model\'s config file (configs/*.py).', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'The trained model\'s workdir.', required=True)
+  # main.run is what runs each pair; its module defines --config (locked) and --workdir, which absl
+  # lets no other module define again.
+  import latent_diffusion.main  # pylint: disable=g-import-not-at-top,unused-import
+  flags.mark_flag_as_required('workdir')
   flags.DEFINE_string('out', None, 'Where to write results.json and the plot.', required=True)
   flags.DEFINE_list('samplers', list(SAMPLERS), 'Samplers to compare.')
   flags.DEFINE_list('steps', ['10', '25', '50', '100', '200'], 'Sampler steps.')
