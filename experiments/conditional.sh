@@ -129,6 +129,9 @@ utkface_chain() {  # class-conditional (utkface64_f4's stage 1)
 # IMAGE_GUIDANCE: the sample.image_guidance_scale values each evaluation is run with (default 0: off).
 # INPAINT_KNOWN: the sample.keep_known_latents values inpainting is evaluated with (default "False True").
 # EVAL_ARGS: more --config flags for every restoration evaluation (e.g. --config.eval.samples_per_condition=4).
+# RESTORATION_STEPS (e.g. 5,10,25,50): each restoration evaluation becomes experiments/restoration_steps.py,
+# which chooses the DDIM step count on EVAL_N training faces and measures it and the default held out.
+# RESTORATION_CLI=0 skips their sample-mode grids.
 restoration_chain() {  # super-resolution and inpainting share the KL-f2 stage 1
   train restoration_ae $(( EVAL_RESERVE + 120 )) $MAIN --config=configs/utkface_sr.py --workdir="$W/utkface_sr" \
       --config.mode=train_autoencoder $AE_STEPS
@@ -142,11 +145,17 @@ restoration_chain() {  # super-resolution and inpainting share the KL-f2 stage 1
       for variant in $variants; do for guidance in ${IMAGE_GUIDANCE:-0}; do
         if [[ $task == utkface_inpaint ]]; then extra="--config.sample.keep_known_latents=$variant"
         else extra="--config.sample.num_steps=$variant"; fi
-        run ${name}_eval_${variant}_ig$guidance $MAIN --config=configs/$task.py --workdir="$W/$name" \
-            --config.mode=eval_conditional --config.eval.num_images=$EVAL_N $EVAL_STEPS $flags $extra \
-            --config.sample.image_guidance_scale=$guidance ${EVAL_ARGS:-}
+        local measured="--config.eval.num_images=$EVAL_N $EVAL_STEPS $flags $extra --config.sample.image_guidance_scale=$guidance ${EVAL_ARGS:-}"
+        if [[ -n "${RESTORATION_STEPS:-}" ]]; then
+          run ${name}_steps_${variant}_ig$guidance $PY experiments/restoration_steps.py --config=configs/$task.py \
+              --workdir="$W/$name" --out="$OUT/results/${name}_steps_${variant}_ig$guidance" --steps=$RESTORATION_STEPS \
+              --selection_path="${LDM_DATA:-../shared/data}/utkface64/train" --selection_images=$EVAL_N $measured
+        else
+          run ${name}_eval_${variant}_ig$guidance $MAIN --config=configs/$task.py --workdir="$W/$name" \
+              --config.mode=eval_conditional $measured
+        fi
       done; done
-      CLI_WORKDIR=$name cli_for $task $flags
+      [[ "${RESTORATION_CLI:-1}" == 1 ]] && CLI_WORKDIR=$name cli_for $task $flags
       collect $name ) &
   done
   wait

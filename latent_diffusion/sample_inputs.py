@@ -141,14 +141,30 @@ def read_init_image(config, count: int) -> np.ndarray | None:
   return np.broadcast_to(image, (count,) + image.shape).copy()
 
 
-def held_out_batch(config, count: int) -> dict:
-  """The first `count` held-out examples as one batch (fixed order, unflipped, with the low-resolution
-  inputs and masks the data config makes)."""
+def held_out_data_config(config):
+  """config.data of the held-out examples: the eval split where there is one, else the training data;
+  unflipped and read in the main process."""
   from latent_diffusion import evaluate  # pylint: disable=g-import-not-at-top
   data_config = (evaluate.eval_data_config(config) if evaluate.has_eval_split(config)
                  else config.data.copy_and_resolve_references())
   with data_config.unlocked():
     data_config.flip, data_config.worker_count = False, 0
+  return data_config
+
+
+def describe_source(data_config) -> str:
+  """Where a data config's examples come from: a folder, a TFDS split, or the synthetic set's seed."""
+  if data_config.source == 'folder':
+    return data_config.path
+  if data_config.source == 'tfds':
+    return f'tfds {data_config.tfds_name} {data_config.tfds_split}'
+  return f'synthetic, seed {data_config.synthetic_seed}'
+
+
+def held_out_batch(config, count: int) -> dict:
+  """The first `count` held-out examples as one batch (fixed order, unflipped, with the low-resolution
+  inputs and masks the data config makes)."""
+  data_config = held_out_data_config(config)
   iterator = pipeline.make_iterator(data_config, batch_size=count, seed=config.seed, shuffle=False,
                                     process_index=0, process_count=1, drop_remainder=False)
   batch = next(iterator)

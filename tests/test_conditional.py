@@ -124,6 +124,8 @@ def test_conditional_model_trains_and_samples_from_command_line_conditions(task,
     assert np.abs(samples[0].astype(int) - face)[known].max() <= 1
   if task in ('sr', 'inpaint'):
     check_eval_conditional_measures_the_first_sample_its_baseline_and_the_mean_of_several(task, workdir)
+  if task == 'inpaint':
+    check_the_step_sweep_chooses_on_the_selection_images_and_reports_every_count_held_out(workdir)
 
 
 def check_eval_conditional_measures_the_first_sample_its_baseline_and_the_mean_of_several(task, workdir):
@@ -134,6 +136,7 @@ def check_eval_conditional_measures_the_first_sample_its_baseline_and_the_mean_o
   results = json.loads(next((workdir / 'diffusion').glob('eval_*.json')).read_text())
   metric, baseline = ('psnr', 'bicubic') if task == 'sr' else ('masked_psnr', 'biharmonic')
   assert results['num_samples'] == 3 and results['samples_per_condition'] == 2
+  assert results['conditions_from'] == 'synthetic, seed 1000003'  # the held-out seed, not the training one
   for name in ('ldm', baseline, 'ldm_mean_of_2'):
     assert np.isfinite(results[name][metric]['mean']), name
   # Two draws of an untrained model differ, so their mean is a third set of images.
@@ -165,3 +168,31 @@ def test_eval_conditional_refuses_several_samples_per_text_prompt(tmp_path):
   config.eval.samples_per_condition = 2
   with pytest.raises(ConfigError, match="samples_per_condition is 2.*not 'caption'"):
     main.run(config, str(tmp_path))
+
+
+def check_the_step_sweep_chooses_on_the_selection_images_and_reports_every_count_held_out(workdir):
+  from experiments import restoration_steps  # pylint: disable=g-import-not-at-top
+  from tests.conftest import SHARED_DATA  # pylint: disable=g-import-not-at-top
+  config = conditional_config('inpaint', 'eval_conditional')
+  config.data.source = 'folder'  # real faces at 16 px: two image sets to choose on and to report on
+  config.data.path, config.data.eval_path = (str(SHARED_DATA / 'utkface64' / split) for split in ('train', 'val'))
+  config.data.label_column = ''
+  config.eval.num_images, config.sample.batch_size = 3, 2
+  results = restoration_steps.sweep(config, str(workdir), [2, 4], config.data.path, 2, workdir / 'sweep',
+                                    report_steps=[4])
+  assert results == json.loads((workdir / 'sweep' / 'results.json').read_text(), object_hook=lambda d: {
+      int(k) if k.isdigit() else k: v for k, v in d.items()})
+  selection = {count: run['ldm']['masked_psnr']['mean'] for count, run in results['selection'].items()}
+  assert [run['num_samples'] for run in results['selection'].values()] == [2, 2]
+  assert {run['conditions_from'] for run in results['selection'].values()} == {config.data.path}
+  assert {run['conditions_from'] for run in results['eval'].values()} == {config.data.eval_path}
+  assert results['chosen_steps'] == max(selection, key=selection.get)
+  # Held out: the reported count, then the chosen one, on other images (3 of them).
+  assert list(results['eval']) == [4] + ([2] if results['chosen_steps'] == 2 else [])
+  assert all(run['num_samples'] == 3 for run in results['eval'].values())
+  # Each measurement's JSON and grid are kept apart; the workdir keeps each count's last measurement.
+  name = 'eval_masked_image_ddim4_eta0_known'
+  for split in ('selection', 'eval'):
+    assert json.loads((workdir / 'sweep' / split / f'{name}.json').read_text()) == results[split][4]
+    assert Image.open(workdir / 'sweep' / split / f'{name}.png').size[0] > 128
+  assert json.loads((workdir / 'diffusion' / f'{name}.json').read_text()) == results['selection'][4]

@@ -177,6 +177,8 @@ def evaluate_conditional(config, workdir) -> dict:
   seconds = time.time() - start
   samples = draws[0]
   results = {'task': key, 'step': int(step), 'num_samples': count, 'samples_per_condition': repeats,
+             **({} if key == 'label' else {'conditions_from': sample_inputs.describe_source(
+                 sample_inputs.held_out_data_config(config))}),
              'sampler': diffusion.sampler_tag(config),
              'guidance_scale': config.sample.guidance_scale, 'sampling_seconds': round(seconds, 1),
              **measure(config, key, samples, batch)}

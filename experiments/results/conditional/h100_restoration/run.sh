@@ -9,8 +9,10 @@
 #   RESTORATION_TASKS (default "utkface_sr utkface_inpaint"), IMAGE_GUIDANCE (default "0 1") and WORKERS
 #   (grain workers per model, default 7) pick a smaller run, e.g. inpainting alone:
 #   RESTORATION_TASKS=utkface_inpaint IMAGE_GUIDANCE=0 WORKERS=14 DEADLINE=505 bash .../run.sh
+#   RESTORATION_STEPS=5,10,25,50 chooses the DDIM step count on training faces (experiments/restoration_steps.py)
+#   and RESTORATION_CLI=0 skips the sample-mode grids (see experiments/conditional.sh).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 PYTHON=python3 LDM_DATA=.device_data WORKDIRS=/tmp/w
+export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 PYTHON=python3 LDM_DATA=.device_data WORKDIRS=/tmp/w
 nvidia-smi -L; nproc; python3 -c "import jax, grain, ml_collections, dm_pix, skimage, latent_diffusion.main, latent_diffusion.evaluate.conditional, latent_diffusion.train.diffusion; print(jax.__version__, jax.devices())" || exit 1
 mkdir -p $OUT/o/logs
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 15 > $OUT/o/logs/gpu.csv 2>&1 &
@@ -30,5 +32,11 @@ import json, pathlib, sys
 for path in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
   r = json.loads(path.read_text())
   print(path.name, 'step', r.get('step'), {k: v for k, v in r.items() if isinstance(v, dict) and k != 'lpips'})
+for path in sorted(pathlib.Path(sys.argv[1]).glob('*/results.json')):  # restoration_steps.py
+  r = json.loads(path.read_text())
+  for split in ('selection', 'eval'):
+    for count, run in r[split].items():
+      print(path.parent.name, split, 'ddim' + count, 'step', run['step'], 'chosen' if int(count) == r['chosen_steps'] else '',
+            {k: v[r['score']] for k, v in run.items() if isinstance(v, dict) and r['score'] in v})
 PYTHON
 tar czf $OUT/o.tgz -C $OUT o && rm -rf $OUT/o; ls -la $OUT
