@@ -36,12 +36,12 @@ def measure(config, workdir: str, steps: int, eval_path: str, num_images: int, k
   """eval_conditional at `steps` DDIM steps on the first `num_images` images of `eval_path`: its results.
   Its JSON and grid are also copied to `keep_in`, where no later measurement overwrites them."""
   from latent_diffusion import main  # pylint: disable=g-import-not-at-top
-  from latent_diffusion.train import diffusion  # pylint: disable=g-import-not-at-top
+  from latent_diffusion.evaluate import conditional  # pylint: disable=g-import-not-at-top
   with config.unlocked():
     config.mode, config.sample.num_steps = 'eval_conditional', steps
     config.data.eval_path, config.eval.num_images = eval_path, num_images
   main.run(config, workdir)
-  name = f'eval_{config.cond_stage.key}_{diffusion.sampler_tag(config)}'
+  name = conditional.result_name(config)
   written = Path(workdir) / 'diffusion' / f'{name}.json'
   keep_in.mkdir(parents=True, exist_ok=True)
   for path in (written, written.parent / 'samples' / f'{name}.png'):

@@ -152,21 +152,12 @@ def held_out_data_config(config):
   return data_config
 
 
-def describe_source(data_config) -> str:
-  """Where a data config's examples come from: a folder, a TFDS split, or the synthetic set's seed."""
-  if data_config.source == 'folder':
-    return data_config.path
-  if data_config.source == 'tfds':
-    return f'tfds {data_config.tfds_name} {data_config.tfds_split}'
-  return f'synthetic, seed {data_config.synthetic_seed}'
-
-
-def held_out_batch(config, count: int) -> dict:
+def held_out_batch(config, count: int, source=None) -> dict:
   """The first `count` held-out examples as one batch (fixed order, unflipped, with the low-resolution
-  inputs and masks the data config makes)."""
+  inputs and masks the data config makes); `source`: that data config's source, if already made."""
   data_config = held_out_data_config(config)
   iterator = pipeline.make_iterator(data_config, batch_size=count, seed=config.seed, shuffle=False,
-                                    process_index=0, process_count=1, drop_remainder=False)
+                                    process_index=0, process_count=1, drop_remainder=False, source=source)
   batch = next(iterator)
   if len(batch['image']) < count:
     raise DataError(f'the held-out data has {len(batch["image"])} examples; the grid needs {count}')

@@ -64,8 +64,8 @@ def stroke_mask(size, rng):
         angle = 2 * math.pi - angle
       length = float(rng.integers(*_LENGTH)) * scale
       width = float(rng.integers(*_WIDTH)) * scale
-      end = np.minimum(np.maximum(start + length * np.array([math.sin(angle), math.cos(angle)],
-                                                            np.float32), 0), size)
+      end = np.clip(start + length * np.array([math.sin(angle), math.cos(angle)], np.float32),
+                    0, size)
       _draw_segment(mask, start, end, width / 2)
       start = end
   return mask

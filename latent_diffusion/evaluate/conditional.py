@@ -31,6 +31,7 @@ from PIL import Image
 
 from latent_diffusion import sample as sample_mode
 from latent_diffusion import sample_inputs
+from latent_diffusion.data import pipeline
 from latent_diffusion.errors import ConfigError
 from latent_diffusion.evaluate import adherence
 from latent_diffusion.evaluate.metrics import image_metrics
@@ -143,15 +144,22 @@ def _lpips(config, truth, candidates: dict) -> dict:
           for name, images in candidates.items()}
 
 
-def conditions(config, count: int, tokenizer) -> tuple[dict, dict]:
-  """(sampler inputs, condition batch) of the evaluation: labels cycling over the classes, or the
-  first `count` held-out examples."""
+def conditions(config, count: int, tokenizer) -> tuple[dict, dict, str | None]:
+  """(sampler inputs, condition batch, where the examples come from) of the evaluation: labels cycling
+  over the classes (from nowhere: None), or the first `count` held-out examples."""
   key = conditioning.condition_key(config)
   if key == 'label':
     labels = np.arange(count, dtype=np.int32) % config.data.num_classes
-    return {'label': labels}, {'label': labels}
-  batch = sample_inputs.held_out_batch(config, count)
-  return conditioning.sampler_inputs(config, batch, tokenizer), batch
+    return {'label': labels}, {'label': labels}, None
+  data_config = sample_inputs.held_out_data_config(config)
+  source = pipeline.make_source(data_config)
+  batch = sample_inputs.held_out_batch(config, count, source)
+  return conditioning.sampler_inputs(config, batch, tokenizer), batch, pipeline.describe(data_config, source)
+
+
+def result_name(config) -> str:
+  """eval_conditional's file name (without .json / .png) for this config's condition and sampler."""
+  return f'eval_{conditioning.condition_key(config)}_{diffusion.sampler_tag(config)}'
 
 
 def evaluate_conditional(config, workdir) -> dict:
@@ -167,7 +175,7 @@ def evaluate_conditional(config, workdir) -> dict:
   autoencoder, ae_params = stage1.load_params(config, workdir, mesh)
   model, params, scale_factor, step = sample_mode.restore_denoiser(config, workdir, mesh)
   tokenizer = diffusion.make_tokenizer(config)
-  inputs, batch = conditions(config, count, tokenizer)
+  inputs, batch, conditions_from = conditions(config, count, tokenizer)
   sampler = diffusion.make_sampler(model, autoencoder, config, diffusion.schedule_from_config(config),
                                    tokenizer=tokenizer)
   start = time.time()
@@ -177,15 +185,14 @@ def evaluate_conditional(config, workdir) -> dict:
   seconds = time.time() - start
   samples = draws[0]
   results = {'task': key, 'step': int(step), 'num_samples': count, 'samples_per_condition': repeats,
-             **({} if key == 'label' else {'conditions_from': sample_inputs.describe_source(
-                 sample_inputs.held_out_data_config(config))}),
+             **({'conditions_from': conditions_from} if conditions_from else {}),
              'sampler': diffusion.sampler_tag(config),
              'guidance_scale': config.sample.guidance_scale, 'sampling_seconds': round(seconds, 1),
              **measure(config, key, samples, batch)}
   if repeats > 1:
     results[f'ldm_mean_of_{repeats}'] = restoration_scores(key, np.mean(draws, axis=0), batch)
   directory = common.stage_dir(workdir, diffusion.STAGE)
-  name = f'eval_{key}_{diffusion.sampler_tag(config)}'
+  name = result_name(config)
   if jax.process_index() == 0:
     (directory / f'{name}.json').write_text(json.dumps(results, indent=2) + '\n')
     display = {field: value[:GRID_SAMPLES] for field, value in batch.items()}
