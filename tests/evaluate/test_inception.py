@@ -98,10 +98,14 @@ def feature_fn(state_dict):
 
 @pytest.fixture(scope='module')
 def features_and_compiles(feature_fn):
-  """Our features of random_images(0) (3 images in batches of 2) and how many times the net compiled."""
-  compiled_before = inception._features._cache_size()  # pylint: disable=protected-access
+  """Our features of random_images(0) (3 images in batches of 2) and how many times the net compiled.
+
+  The jit cache is emptied first: another test file on the same xdist worker may have compiled the
+  net for this shape already, and then this one would count no compile.
+  """
+  inception._features.clear_cache()  # pylint: disable=protected-access
   features = feature_fn(random_images(0))
-  return features, inception._features._cache_size() - compiled_before  # pylint: disable=protected-access
+  return features, inception._features._cache_size()  # pylint: disable=protected-access
 
 
 @pytest.fixture(scope='module')
