@@ -5,7 +5,8 @@
 # batches of 64 per second: the rates they trained at. Each model is evaluated on 256 utkface64/val faces,
 # DDIM-50 (eta 0), 4 samples per face (the first alone, and the mean of the 4), without and with the
 # image-space guider.
-#   files: .whl/ (grain, array_record, portpicker, ml_collections, dm_pix wheels), .device_data/utkface64
+#   files: .whl/ (grain, array_record, portpicker, ml_collections, dm_pix wheels), .device_data/utkface64;
+#   prepare.sh (beside this file) builds both on the CPU machine, to carry as [".whl", ".device_data"].
 #   RESTORATION_TASKS (default "utkface_sr utkface_inpaint"), IMAGE_GUIDANCE (default "0 1") and WORKERS
 #   (grain workers per model, default 7) pick a smaller run, e.g. inpainting alone:
 #   RESTORATION_TASKS=utkface_inpaint IMAGE_GUIDANCE=0 WORKERS=14 DEADLINE=505 bash .../run.sh
