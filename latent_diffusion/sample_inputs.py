@@ -152,16 +152,17 @@ def held_out_data_config(config):
   return data_config
 
 
-def held_out_batch(config, count: int, source=None) -> dict:
-  """The first `count` held-out examples as one batch (fixed order, unflipped, with the low-resolution
-  inputs and masks the data config makes); `source`: that data config's source, if already made."""
+def held_out_batch(config, count: int) -> tuple[dict, str]:
+  """(the first `count` held-out examples as one batch, where they come from: pipeline.describe). The
+  batch is in a fixed order, unflipped, with the low-resolution inputs and masks the data config makes."""
   data_config = held_out_data_config(config)
+  source = pipeline.make_source(data_config)
   iterator = pipeline.make_iterator(data_config, batch_size=count, seed=config.seed, shuffle=False,
                                     process_index=0, process_count=1, drop_remainder=False, source=source)
   batch = next(iterator)
   if len(batch['image']) < count:
     raise DataError(f'the held-out data has {len(batch["image"])} examples; the grid needs {count}')
-  return batch
+  return batch, pipeline.describe(data_config, source)
 
 
 def pixel_size(config, key: str, display: dict) -> tuple[int, int]:
@@ -205,8 +206,9 @@ def grid_inputs(config, count: int, tokenizer=None, from_cli: bool = True) -> tu
     if key == 'label':
       display = {'label': np.asarray(conditioning.sampling_labels(config, count))}
     else:
-      display = held_out_batch(config, count)
-      logging.info('sample: conditions of %d held-out examples (no sample.* input given)', count)
+      display, described = held_out_batch(config, count)
+      logging.info('sample: conditions of %d held-out examples of %s (no sample.* input given)', count,
+                   described)
   inputs = conditioning.sampler_inputs(config, display, tokenizer)
   return inputs, {name: display[name] for name in display
                   if name in conditioning.BATCH_FIELDS[key] + ('caption', 'boxes', 'label')}

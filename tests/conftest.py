@@ -34,6 +34,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Start the CPU backend now: main.run in-process then never starts a jax.distributed service here.
 jax.devices()
@@ -57,6 +58,21 @@ def pytest_collection_modifyitems(items):
     path = Path(str(item.path)).relative_to(REPO_ROOT / 'tests').as_posix()
     return LONG_FILES.index(path) if path in LONG_FILES else len(LONG_FILES)
   items.sort(key=rank)  # stable: the order within each file is kept
+
+
+# Image folders for tests that read real files: two classes of noisy flat colour.
+CLASS_COLOURS = {'blue': (40, 60, 200), 'red': (200, 50, 40)}  # folder order: blue = 0, red = 1
+
+
+def write_folder(root, count, seed, size=32):
+  """root/<colour>/<i>.png: noisy images around each class colour."""
+  rng = np.random.default_rng(seed)
+  for name, colour in CLASS_COLOURS.items():
+    (root / name).mkdir(parents=True)
+    for i in range(count):
+      pixels = np.clip(np.array(colour) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+      Image.fromarray(pixels).save(root / name / f'{i}.png')
+  return root
 
 
 def random_params(abstract_params, seed=0):

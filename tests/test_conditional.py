@@ -170,24 +170,13 @@ def test_eval_conditional_refuses_several_samples_per_text_prompt(tmp_path):
     main.run(config, str(tmp_path))
 
 
-def write_image_folder(directory, count, seed):
-  """`count` smooth 24x24 colour images (a random gradient plus noise) as PNGs in `directory`."""
-  rng = np.random.default_rng(seed)
-  directory.mkdir(parents=True)
-  ramp = np.linspace(0, 1, 24, dtype=np.float32)
-  for i in range(count):
-    low, high = rng.uniform(0, 255, (2, 3))
-    pixels = low + (high - low) * ramp[:, None, None] + rng.normal(0, 8, (24, 24, 3))
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(directory / f'{i}.png')
-  return directory
-
-
 def check_the_step_sweep_chooses_on_the_selection_images_and_reports_every_count_held_out(workdir):
   from experiments import restoration_steps  # pylint: disable=g-import-not-at-top
+  from tests.conftest import write_folder  # pylint: disable=g-import-not-at-top  (the name conftest is ambiguous under xdist)
   config = conditional_config('inpaint', 'eval_conditional')
-  config.data.source = 'folder'  # two image folders: one to choose on, one to report on
-  config.data.path, config.data.eval_path = (str(write_image_folder(workdir / 'images' / split, count, seed))
-                                             for split, count, seed in (('train', 4, 0), ('val', 3, 1)))
+  config.data.source = 'folder'  # two image folders of 4 images: one to choose on, one to report on
+  config.data.path, config.data.eval_path = (str(write_folder(workdir / 'images' / split, 2, seed, size=24))
+                                             for split, seed in (('train', 0), ('val', 1)))
   config.data.label_column = ''
   config.eval.num_images, config.sample.batch_size = 3, 2
   results = restoration_steps.sweep(config, str(workdir), [2, 4], config.data.path, 2, workdir / 'sweep',
@@ -197,7 +186,8 @@ def check_the_step_sweep_chooses_on_the_selection_images_and_reports_every_count
   selection = {count: run['ldm']['masked_psnr']['mean'] for count, run in results['selection'].items()}
   assert [run['num_samples'] for run in results['selection'].values()] == [2, 2]
   for split, path in (('selection', config.data.path), ('eval', config.data.eval_path)):
-    assert all(run['conditions_from'].startswith(f'folder {path},') for run in results[split].values())
+    assert {run['conditions_from'] for run in results[split].values()} == {
+        f'folder {path}, 4 images, no labels'}
   assert results['chosen_steps'] == max(selection, key=selection.get)
   # Held out: the reported count, then the chosen one, on other images (3 of them).
   assert list(results['eval']) == [4] + ([2] if results['chosen_steps'] == 2 else [])

@@ -31,7 +31,6 @@ from PIL import Image
 
 from latent_diffusion import sample as sample_mode
 from latent_diffusion import sample_inputs
-from latent_diffusion.data import pipeline
 from latent_diffusion.errors import ConfigError
 from latent_diffusion.evaluate import adherence
 from latent_diffusion.evaluate.metrics import image_metrics
@@ -151,10 +150,8 @@ def conditions(config, count: int, tokenizer) -> tuple[dict, dict, str | None]:
   if key == 'label':
     labels = np.arange(count, dtype=np.int32) % config.data.num_classes
     return {'label': labels}, {'label': labels}, None
-  data_config = sample_inputs.held_out_data_config(config)
-  source = pipeline.make_source(data_config)
-  batch = sample_inputs.held_out_batch(config, count, source)
-  return conditioning.sampler_inputs(config, batch, tokenizer), batch, pipeline.describe(data_config, source)
+  batch, conditions_from = sample_inputs.held_out_batch(config, count)
+  return conditioning.sampler_inputs(config, batch, tokenizer), batch, conditions_from
 
 
 def result_name(config) -> str:

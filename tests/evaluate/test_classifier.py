@@ -12,20 +12,7 @@ from PIL import Image
 from configs import base
 from latent_diffusion.errors import CheckpointError, ConfigError
 from latent_diffusion.evaluate import classifier, shapes_parser
-
-CLASS_COLOURS = {'blue': (40, 60, 200), 'red': (200, 50, 40)}  # folder order: blue = 0, red = 1
-
-
-def write_folder(root, count, seed, size=32):
-  """root/<colour>/<i>.png: noisy images around each class colour."""
-  rng = np.random.default_rng(seed)
-  for name, colour in CLASS_COLOURS.items():
-    (root / name).mkdir(parents=True)
-    for i in range(count):
-      pixels = np.clip(np.array(colour) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-      Image.fromarray(pixels).save(root / name / f'{i}.png')
-  return root
-
+from tests.conftest import CLASS_COLOURS, write_folder
 
 def folder_config(path, num_classes=2, size=32):
   data_config = base.get_config().data

@@ -296,8 +296,7 @@ def test_feed_forward_uses_the_exact_erf_gelu():
                                                       jax.random.PRNGKey(0), x)['params'])
   with torch.no_grad():
     expected = reference(torch.from_numpy(x)).numpy()
-  # The tanh approximation is off by 1.7e-3 here. float32 rounding of sums of terms up to ~16 differs
-  # by a few 1e-6 between CPUs (3e-6 seen on an AMD EPYC), also where the sum cancels to near zero.
+  # float32 rounding of sums of terms up to ~16 differs by a few 1e-6 between CPUs (3e-6 on an AMD EPYC).
   np.testing.assert_allclose(jax.jit(attention.FeedForward().apply)({'params': params}, x), expected,
                              rtol=0, atol=1e-5)
   # The tanh approximation is farther off than that tolerance, so the test can tell them apart.
