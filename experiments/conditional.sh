@@ -130,7 +130,8 @@ utkface_chain() {  # class-conditional (utkface64_f4's stage 1)
 # INPAINT_KNOWN: the sample.keep_known_latents values inpainting is evaluated with (default "False True").
 # EVAL_ARGS: more --config flags for every restoration evaluation (e.g. --config.eval.samples_per_condition=4).
 # RESTORATION_STEPS (e.g. 5,10,25,50): each restoration evaluation becomes experiments/restoration_steps.py,
-# which chooses the DDIM step count on EVAL_N training faces and measures it and the default held out.
+# which chooses the DDIM step count on EVAL_N training faces and measures it and the default held out;
+# with RESTORATION_GUIDANCE (e.g. 0,0.03) it chooses the pair of a count and an image guidance scale.
 # RESTORATION_CLI=0 skips their sample-mode grids.
 restoration_chain() {  # super-resolution and inpainting share the KL-f2 stage 1
   train restoration_ae $(( EVAL_RESERVE + 120 )) $MAIN --config=configs/utkface_sr.py --workdir="$W/utkface_sr" \
@@ -149,6 +150,7 @@ restoration_chain() {  # super-resolution and inpainting share the KL-f2 stage 1
         if [[ -n "${RESTORATION_STEPS:-}" ]]; then
           run ${name}_steps_${variant}_ig$guidance $PY experiments/restoration_steps.py --config=configs/$task.py \
               --workdir="$W/$name" --out="$OUT/results/${name}_steps_${variant}_ig$guidance" --steps=$RESTORATION_STEPS \
+              ${RESTORATION_GUIDANCE:+--image_guidance_scales=$RESTORATION_GUIDANCE} \
               --selection_path="${LDM_DATA:-../shared/data}/utkface64/train" --selection_images=$EVAL_N $measured
         else
           run ${name}_eval_${variant}_ig$guidance $MAIN --config=configs/$task.py --workdir="$W/$name" \

@@ -1,21 +1,23 @@
-"""DDIM step count of a super-resolution or inpainting model, chosen on training images and reported on
-held-out ones (eval_conditional for each count).
+"""DDIM step count (and image-space guidance scale) of a super-resolution or inpainting model, chosen on
+training images and reported on held-out ones (eval_conditional for each choice).
 
   python experiments/restoration_steps.py --config=configs/utkface_inpaint.py --workdir=W --out=OUT \
-      --steps=5,10,25,50 --selection_path=../shared/data/utkface64/train --selection_images=64 \
-      --config.eval.num_images=256
+      --steps=5,10,25,50 --image_guidance_scales=0,0.03 --selection_path=../shared/data/utkface64/train \
+      --selection_images=64 --config.eval.num_images=256
 
 A deterministic DDIM sample (eta 0) with fewer steps carries less fine texture. PSNR rewards that,
-while a perfect sampler pays 3 dB against the posterior mean (experiments/results/conditional). So
-the count is a choice that trades detail for fidelity, and it is made here without the held-out
-images: each count is measured on the first --selection_images images of --selection_path, and the
-one with the best single-sample score (PSNR, or masked-region PSNR for inpainting) is chosen. The
-eval split (data.eval_path, eval.num_images) measures the --report_steps first (default: the config's
-sample.num_steps, the protocol of the earlier tables), so that a run cut short still has them, and
-the chosen count last. Writes <out>/results.json, and each measurement's JSON and grid (each input
-beside its first sample) to <out>/selection/ and <out>/eval/. In the workdir, where eval_conditional
-writes them, the last measurement of a count overwrites the earlier one; each JSON's conditions_from
-names the images it was measured on.
+while a perfect sampler pays 3 dB against the posterior mean (experiments/results/conditional). The
+image-space guider (sample.image_guidance_scale) pulls each step's decoded clean estimate towards
+what the input shows; its scale has to be chosen per task and model. So both are choices, and they
+are made here without the held-out images: every pair of a step count and a scale is measured on the
+first --selection_images images of --selection_path, and the pair with the best single-sample score
+(PSNR, or masked-region PSNR for inpainting) is chosen. The eval split (data.eval_path,
+eval.num_images) measures the --report_steps first (default: the config's sample.num_steps), at the
+config's scale (the protocol of the earlier tables), so that a run cut short still has them, and the
+chosen pair last. Writes <out>/results.json, and each measurement's JSON and grid (each input beside
+its first sample) to <out>/selection/ and <out>/eval/. Results are keyed by label, `ddim<steps>_ig<scale>`.
+In the workdir, where eval_conditional writes them, the last measurement of a pair overwrites the
+earlier one; each JSON's conditions_from names the images it was measured on.
 """
 
 import json
@@ -32,13 +34,20 @@ from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-im
 SCORES = {'low_res': 'psnr', 'masked_image': 'masked_psnr'}  # condition key -> the score to choose by
 
 
-def measure(config, workdir: str, steps: int, eval_path: str, num_images: int, keep_in: Path) -> dict:
-  """eval_conditional at `steps` DDIM steps on the first `num_images` images of `eval_path`: its results.
-  Its JSON and grid are also copied to `keep_in`, where no later measurement overwrites them."""
+def label(steps: int, scale: float) -> str:
+  """The key of one (DDIM steps, image guidance scale) measurement in the results."""
+  return f'ddim{steps}_ig{scale:g}'
+
+
+def measure(config, workdir: str, steps: int, scale: float, eval_path: str, num_images: int,
+            keep_in: Path) -> dict:
+  """eval_conditional at `steps` DDIM steps and image guidance `scale` on the first `num_images` images
+  of `eval_path`: its results. Its JSON and grid are also copied to `keep_in`, where no later
+  measurement overwrites them."""
   from latent_diffusion import main  # pylint: disable=g-import-not-at-top
   from latent_diffusion.evaluate import conditional  # pylint: disable=g-import-not-at-top
   with config.unlocked():
-    config.mode, config.sample.num_steps = 'eval_conditional', steps
+    config.mode, config.sample.num_steps, config.sample.image_guidance_scale = 'eval_conditional', steps, scale
     config.data.eval_path, config.eval.num_images = eval_path, num_images
   main.run(config, workdir)
   name = conditional.result_name(config)
@@ -50,10 +59,12 @@ def measure(config, workdir: str, steps: int, eval_path: str, num_images: int, k
 
 
 def sweep(config, workdir: str, steps, selection_path: str, selection_images: int, out: Path,
-          report_steps=None) -> dict:
-  """{'chosen_steps', 'score', 'selection': {steps: results}, 'eval': {steps: results}}, also in
-  <out>/results.json. The eval split measures `report_steps` (default: the config's
-  sample.num_steps) before the selection, and the chosen count after it."""
+          report_steps=None, scales=None) -> dict:
+  """{'chosen', 'chosen_steps', 'chosen_image_guidance_scale', 'score', 'selection': {label: results},
+  'eval': {label: results}, ...}, also in <out>/results.json. Every pair of `steps` and `scales`
+  (default: the config's sample.image_guidance_scale) is measured on the selection images. The eval
+  split measures `report_steps` (default: the config's sample.num_steps) at the config's scale before
+  the selection, and the chosen pair after it."""
   key = config.cond_stage.key
   if key not in SCORES:
     raise ValueError(f'cond_stage.key is {key!r}: the step sweep is for super-resolution and inpainting '
@@ -61,33 +72,38 @@ def sweep(config, workdir: str, steps, selection_path: str, selection_images: in
   if config.sample.sampler != 'ddim':
     raise ValueError(f'sample.sampler is {config.sample.sampler!r}: the step sweep is for ddim')
   eval_path, eval_images, score = config.data.eval_path, config.eval.num_images, SCORES[key]
-  report_steps = [config.sample.num_steps] if report_steps is None else list(report_steps)
+  config_scale = config.sample.image_guidance_scale
+  report = [(count, config_scale) for count in ([config.sample.num_steps] if report_steps is None else report_steps)]
+  pairs = [(count, scale) for count in steps for scale in ([config_scale] if scales is None else scales)]
   single = lambda results: results['ldm'][score]['mean']
-  held_out = {count: measure(config, workdir, count, eval_path, eval_images, out / 'eval') for count in report_steps}
-  selection = {count: measure(config, workdir, count, selection_path, selection_images, out / 'selection')
-               for count in steps}
-  chosen = max(steps, key=lambda count: single(selection[count]))
+  held_out = {label(*pair): measure(config, workdir, *pair, eval_path, eval_images, out / 'eval') for pair in report}
+  selection = {label(*pair): measure(config, workdir, *pair, selection_path, selection_images, out / 'selection')
+               for pair in pairs}
+  chosen_pair = max(pairs, key=lambda pair: single(selection[label(*pair)]))
+  chosen = label(*chosen_pair)
   if chosen not in held_out:
-    held_out[chosen] = measure(config, workdir, chosen, eval_path, eval_images, out / 'eval')
+    held_out[chosen] = measure(config, workdir, *chosen_pair, eval_path, eval_images, out / 'eval')
   results = {'workdir': str(workdir), 'score': score, 'selection_path': selection_path,
              'selection_images': selection_images, 'eval_path': eval_path, 'eval_images': eval_images,
-             'chosen_steps': chosen, 'selection': selection, 'eval': held_out}
+             'chosen': chosen, 'chosen_steps': chosen_pair[0], 'chosen_image_guidance_scale': chosen_pair[1],
+             'selection': selection, 'eval': held_out}
   (out / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
   for split, runs in (('selection', selection), ('eval', held_out)):
-    for count, run in runs.items():
-      print(f'{split:9s} ddim{count:<4d} {score} ldm {single(run):.2f}'
-            + ''.join(f'  {name} {value[score]["mean"]:.2f}' for name, value in run.items()
-                      if isinstance(value, dict) and score in value and name != 'ldm')
-            + ('  <- chosen' if count == chosen else ''), flush=True)
+    for name, run in runs.items():
+      print(f'{split:9s} {name:14s} {score} ldm {single(run):.2f}'
+            + ''.join(f'  {other} {value[score]["mean"]:.2f}' for other, value in run.items()
+                      if isinstance(value, dict) and score in value and other != 'ldm')
+            + ('  <- chosen' if name == chosen else ''), flush=True)
   return results
 
 
 def main(argv):
   del argv
-  counts = lambda text: [int(value) for value in text.split(',') if value]
-  report = None if flags.FLAGS.report_steps is None else counts(flags.FLAGS.report_steps)
-  sweep(flags.FLAGS.config, flags.FLAGS.workdir, counts(flags.FLAGS.steps), flags.FLAGS.selection_path,
-        flags.FLAGS.selection_images, Path(flags.FLAGS.out), report)
+  numbers = lambda text, kind: [kind(value) for value in text.split(',') if value]
+  report = None if flags.FLAGS.report_steps is None else numbers(flags.FLAGS.report_steps, int)
+  scales = None if flags.FLAGS.image_guidance_scales is None else numbers(flags.FLAGS.image_guidance_scales, float)
+  sweep(flags.FLAGS.config, flags.FLAGS.workdir, numbers(flags.FLAGS.steps, int), flags.FLAGS.selection_path,
+        flags.FLAGS.selection_images, Path(flags.FLAGS.out), report, scales)
 
 
 if __name__ == '__main__':
@@ -98,6 +114,9 @@ if __name__ == '__main__':
   flags.DEFINE_string('steps', '5,10,25,50', 'DDIM step counts to choose from, comma-separated')
   flags.DEFINE_string('selection_path', None, 'image folder to choose the step count on (training images)')
   flags.DEFINE_integer('selection_images', 64, 'how many of its images (the first ones, in file order)')
-  flags.DEFINE_string('report_steps', None, 'counts also measured held out (default: sample.num_steps)')
+  flags.DEFINE_string('image_guidance_scales', None,
+                      'sample.image_guidance_scale values to choose from, comma-separated (default: the config\'s)')
+  flags.DEFINE_string('report_steps', None, 'counts also measured held out, at the config\'s scale '
+                      '(default: sample.num_steps)')
   flags.mark_flags_as_required(['config', 'workdir', 'out', 'selection_path'])
   app.run(main)

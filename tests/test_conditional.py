@@ -125,7 +125,7 @@ def test_conditional_model_trains_and_samples_from_command_line_conditions(task,
   if task in ('sr', 'inpaint'):
     check_eval_conditional_measures_the_first_sample_its_baseline_and_the_mean_of_several(task, workdir)
   if task == 'inpaint':
-    check_the_step_sweep_chooses_on_the_selection_images_and_reports_every_count_held_out(workdir)
+    check_the_sweep_chooses_steps_and_guidance_on_selection_images_and_reports_them_held_out(workdir)
 
 
 def check_eval_conditional_measures_the_first_sample_its_baseline_and_the_mean_of_several(task, workdir):
@@ -170,7 +170,7 @@ def test_eval_conditional_refuses_several_samples_per_text_prompt(tmp_path):
     main.run(config, str(tmp_path))
 
 
-def check_the_step_sweep_chooses_on_the_selection_images_and_reports_every_count_held_out(workdir):
+def check_the_sweep_chooses_steps_and_guidance_on_selection_images_and_reports_them_held_out(workdir):
   from experiments import restoration_steps  # pylint: disable=g-import-not-at-top
   from tests.conftest import write_folder  # pylint: disable=g-import-not-at-top  (the name conftest is ambiguous under xdist)
   config = conditional_config('inpaint', 'eval_conditional')
@@ -180,21 +180,25 @@ def check_the_step_sweep_chooses_on_the_selection_images_and_reports_every_count
   config.data.label_column = ''
   config.eval.num_images, config.sample.batch_size = 3, 2
   results = restoration_steps.sweep(config, str(workdir), [2, 4], config.data.path, 2, workdir / 'sweep',
-                                    report_steps=[4])
-  assert results == json.loads((workdir / 'sweep' / 'results.json').read_text(), object_hook=lambda d: {
-      int(k) if k.isdigit() else k: v for k, v in d.items()})
-  selection = {count: run['ldm']['masked_psnr']['mean'] for count, run in results['selection'].items()}
-  assert [run['num_samples'] for run in results['selection'].values()] == [2, 2]
+                                    report_steps=[4], scales=[0.0, 0.5])
+  assert results == json.loads((workdir / 'sweep' / 'results.json').read_text())
+  pairs = {'ddim2_ig0': (2, 0.0), 'ddim2_ig0.5': (2, 0.5), 'ddim4_ig0': (4, 0.0), 'ddim4_ig0.5': (4, 0.5)}
+  assert list(results['selection']) == list(pairs)
+  for name, (steps, scale) in pairs.items():  # each pair was measured with its own sampler settings
+    assert results['selection'][name]['sampler'] == f'ddim{steps}_eta0_known' + ('_ig0.5' if scale else '')
+  selection = {name: run['ldm']['masked_psnr']['mean'] for name, run in results['selection'].items()}
+  assert [run['num_samples'] for run in results['selection'].values()] == [2] * 4
   for split, path in (('selection', config.data.path), ('eval', config.data.eval_path)):
     assert {run['conditions_from'] for run in results[split].values()} == {
         f'folder {path}, 4 images, no labels'}
-  assert results['chosen_steps'] == max(selection, key=selection.get)
-  # Held out: the reported count, then the chosen one, on other images (3 of them).
-  assert list(results['eval']) == [4] + ([2] if results['chosen_steps'] == 2 else [])
+  assert results['chosen'] == max(selection, key=selection.get)
+  assert (results['chosen_steps'], results['chosen_image_guidance_scale']) == pairs[results['chosen']]
+  # Held out: the reported count at the config's scale (0), then the chosen pair, on other images (3 of them).
+  assert list(results['eval']) == ['ddim4_ig0'] + ([results['chosen']] if results['chosen'] != 'ddim4_ig0' else [])
   assert all(run['num_samples'] == 3 for run in results['eval'].values())
   # Each measurement's JSON and grid are kept apart; the workdir keeps each count's last measurement.
   name = 'eval_masked_image_ddim4_eta0_known'
   for split in ('selection', 'eval'):
-    assert json.loads((workdir / 'sweep' / split / f'{name}.json').read_text()) == results[split][4]
+    assert json.loads((workdir / 'sweep' / split / f'{name}.json').read_text()) == results[split]['ddim4_ig0']
     assert Image.open(workdir / 'sweep' / split / f'{name}.png').size[0] > 128
-  assert json.loads((workdir / 'diffusion' / f'{name}.json').read_text()) == results['selection'][4]
+  assert json.loads((workdir / 'diffusion' / f'{name}.json').read_text()) == results['selection']['ddim4_ig0']

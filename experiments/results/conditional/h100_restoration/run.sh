@@ -11,7 +11,8 @@
 #   (grain workers per model, default 7) pick a smaller run, e.g. inpainting alone:
 #   RESTORATION_TASKS=utkface_inpaint IMAGE_GUIDANCE=0 WORKERS=14 DEADLINE=505 bash .../run.sh
 #   RESTORATION_STEPS=5,10,25,50 chooses the DDIM step count on training faces (experiments/restoration_steps.py)
-#   and RESTORATION_CLI=0 skips the sample-mode grids (see experiments/conditional.sh).
+#   (RESTORATION_GUIDANCE=0,0.03: the pair of a count and an image guidance scale), and RESTORATION_CLI=0
+#   skips the sample-mode grids (see experiments/conditional.sh).
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 PYTHON=python3 LDM_DATA=.device_data WORKDIRS=/tmp/w
 nvidia-smi -L; nproc; python3 -c "import jax, grain, ml_collections, dm_pix, skimage, latent_diffusion.main, latent_diffusion.evaluate.conditional, latent_diffusion.train.diffusion; print(jax.__version__, jax.devices())" || exit 1
@@ -36,8 +37,8 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob('*.json')):
 for path in sorted(pathlib.Path(sys.argv[1]).glob('*/results.json')):  # restoration_steps.py
   r = json.loads(path.read_text())
   for split in ('selection', 'eval'):
-    for count, run in r[split].items():
-      print(path.parent.name, split, 'ddim' + count, 'step', run['step'], 'chosen' if int(count) == r['chosen_steps'] else '',
+    for name, run in r[split].items():
+      print(path.parent.name, split, name, 'step', run['step'], 'chosen' if name == r['chosen'] else '',
             {k: v[r['score']] for k, v in run.items() if isinstance(v, dict) and r['score'] in v})
 PYTHON
 tar czf $OUT/o.tgz -C $OUT o && rm -rf $OUT/o; ls -la $OUT
