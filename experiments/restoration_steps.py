@@ -112,7 +112,7 @@ if __name__ == '__main__':
   import latent_diffusion.main  # pylint: disable=g-import-not-at-top,unused-import
   flags.DEFINE_string('out', None, 'where results.json goes')
   flags.DEFINE_string('steps', '5,10,25,50', 'DDIM step counts to choose from, comma-separated')
-  flags.DEFINE_string('selection_path', None, 'image folder to choose the step count on (training images)')
+  flags.DEFINE_string('selection_path', None, 'image folder to choose the step count and scale on (training images)')
   flags.DEFINE_integer('selection_images', 64, 'how many of its images (the first ones, in file order)')
   flags.DEFINE_string('image_guidance_scales', None,
                       'sample.image_guidance_scale values to choose from, comma-separated (default: the config\'s)')

@@ -13,6 +13,7 @@ from PIL import Image
 import tiny_config
 from latent_diffusion import main, sample_inputs
 from latent_diffusion.errors import ConfigError, DataError
+from tests.conftest import write_folder
 
 
 def conditional_config(task: str, mode: str = 'train_diffusion'):
@@ -172,7 +173,6 @@ def test_eval_conditional_refuses_several_samples_per_text_prompt(tmp_path):
 
 def check_the_sweep_chooses_steps_and_guidance_on_selection_images_and_reports_them_held_out(workdir):
   from experiments import restoration_steps  # pylint: disable=g-import-not-at-top
-  from tests.conftest import write_folder  # pylint: disable=g-import-not-at-top  (the name conftest is ambiguous under xdist)
   config = conditional_config('inpaint', 'eval_conditional')
   config.data.source = 'folder'  # two image folders of 4 images: one to choose on, one to report on
   config.data.path, config.data.eval_path = (str(write_folder(workdir / 'images' / split, 2, seed, size=24))

@@ -14,6 +14,7 @@ from latent_diffusion.errors import CheckpointError, ConfigError
 from latent_diffusion.evaluate import classifier, shapes_parser
 from tests.conftest import CLASS_COLOURS, write_folder
 
+
 def folder_config(path, num_classes=2, size=32):
   data_config = base.get_config().data
   with data_config.unlocked():
