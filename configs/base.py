@@ -209,6 +209,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffusion_train.learning_rate = 5e-5   # AdamW peak learning rate
   config.diffusion_train.weight_decay = 0.01    # AdamW (torch default, as the paper's optimizer)
   config.diffusion_train.warmup_steps = 10000   # linear warm-up from 1e-6 x learning_rate
+  config.diffusion_train.cooldown_steps = 0     # linear decay to 0 over the last steps of num_steps (0 = none)
   config.diffusion_train.ema_decay = 0.9999     # with the paper's warm-up min(decay, (1+n)/(10+n))
   config.diffusion_train.checkpoint_every_steps = 5000
   config.diffusion_train.accumulate_grad_batches = 1  # optimizer update every k steps (optax.MultiSteps)

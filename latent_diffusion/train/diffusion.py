@@ -117,14 +117,33 @@ def model_params(params) -> dict:
   return {name: value for name, value in params.items() if name != 'logvar'}
 
 
+def learning_rate_schedule(train_config) -> optax.ScalarOrSchedule:
+  """LambdaLinearScheduler's warm-up from 1e-6 x lr, then the constant rate (the paper's), then, with
+  `cooldown_steps`, a linear decay to 0 over the last cooldown_steps of num_steps (warmup-stable-decay).
+
+  The decay is placed by num_steps alone, so a run trained at the constant rate can be resumed with a
+  larger num_steps and a cooldown to anneal it. The schedule counts optimizer updates: warmup_steps are
+  updates (as the paper's scheduler), num_steps and cooldown_steps are batches, divided here by
+  accumulate_grad_batches. Without warm-up or cooldown it is the bare rate (the optimizer state then has
+  no schedule count, as checkpoints written before the cooldown existed).
+  """
+  peak, warmup, cooldown = train_config.learning_rate, train_config.warmup_steps, train_config.cooldown_steps
+  if not 0 <= cooldown <= train_config.num_steps:
+    raise ConfigError(f'diffusion_train.cooldown_steps: must be in [0, num_steps={train_config.num_steps}], '
+                      f'got {cooldown}')
+  stable = optax.warmup_constant_schedule(1e-6 * peak, peak, warmup) if warmup else optax.constant_schedule(peak)
+  if not cooldown:
+    return stable if warmup else peak
+  k = train_config.accumulate_grad_batches
+  return optax.join_schedules([stable, optax.linear_schedule(peak, 0.0, max(cooldown // k, 1))],
+                              [(train_config.num_steps - cooldown) // k])
+
+
 def make_optimizer(train_config) -> optax.GradientTransformation:
-  """AdamW (torch defaults, as the paper) with LambdaLinearScheduler's warm-up from 1e-6 x lr."""
-  learning_rate = train_config.learning_rate
-  if train_config.warmup_steps:
-    learning_rate = optax.warmup_constant_schedule(1e-6 * learning_rate, learning_rate,
-                                                   train_config.warmup_steps)
+  """AdamW (torch defaults, as the paper) at `learning_rate_schedule`."""
   return common.accumulate_gradients(
-      optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=train_config.weight_decay),
+      optax.adamw(learning_rate_schedule(train_config), b1=0.9, b2=0.999, eps=1e-8,
+                  weight_decay=train_config.weight_decay),
       train_config)
 
 
@@ -460,9 +479,11 @@ def schedule_from_config(config) -> schedules.Schedule:
 
 
 def sampler_tag(config) -> str:
-  """e.g. 'ddim50_eta0' or 'plms50_cfg3': names sample files by how they were drawn."""
+  """e.g. 'ddim50_eta0', 'ddim5_trailing_eta0' or 'plms50_cfg3': names sample files by how they were drawn."""
   sampling = config.sample
   tag = f'{sampling.sampler}{sampling.num_steps}'
+  if sampling.spacing != 'uniform':
+    tag += f'_{sampling.spacing}'
   if sampling.sampler == 'ddim':
     tag += f'_eta{sampling.eta:g}'
   if sampling.guidance_scale != 1.0:

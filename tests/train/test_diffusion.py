@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import tiny_config as two_stage_config
@@ -58,6 +59,40 @@ def test_scale_factor_is_inverse_std_of_posterior_samples():
                              jnp.full((8, 8, 8, 4), -30.0)], axis=-1)  # ~zero variance
   scale = diffusion.scale_factor_from_moments(moments, jax.random.PRNGKey(1))
   np.testing.assert_allclose(scale, 1.0 / np.std(np.asarray(moments[..., :4])), rtol=1e-4)
+
+
+def test_learning_rate_warms_up_holds_then_cools_down_to_zero_at_num_steps():
+  train_config = base.get_config().diffusion_train
+  train_config.learning_rate, train_config.warmup_steps, train_config.num_steps = 1e-3, 10, 100
+  rate = diffusion.learning_rate_schedule(train_config)
+  np.testing.assert_allclose([rate(0), rate(10), rate(99)], [1e-9, 1e-3, 1e-3], rtol=1e-4, atol=1e-10)
+  train_config.cooldown_steps = 40
+  rate = diffusion.learning_rate_schedule(train_config)
+  np.testing.assert_allclose([rate(5), rate(60), rate(70), rate(80), rate(100)],
+                             [rate(5), 1e-3, 0.75e-3, 0.5e-3, 0.0], rtol=1e-5, atol=1e-12)
+  assert rate(5) < 1e-3
+  train_config.accumulate_grad_batches = 2  # the schedule counts updates: 2 batches each
+  np.testing.assert_allclose([float(diffusion.learning_rate_schedule(train_config)(count)) for count in (30, 40)],
+                             [1e-3, 0.5e-3], rtol=1e-5)
+
+
+def test_cooldown_longer_than_the_run_is_a_config_error():
+  train_config = base.get_config().diffusion_train
+  train_config.num_steps, train_config.cooldown_steps = 100, 101
+  with pytest.raises(ConfigError, match=r'cooldown_steps.*\[0, num_steps=100\], got 101'):
+    diffusion.make_optimizer(train_config)
+
+
+def test_a_run_at_the_constant_rate_resumes_into_a_cooldown_with_the_same_optimizer_state():
+  train_config = base.get_config().diffusion_train
+  train_config.warmup_steps, train_config.num_steps = 10, 100
+  params = {'w': jnp.ones((3,))}
+  constant = diffusion.make_optimizer(train_config).init(params)
+  train_config.num_steps, train_config.cooldown_steps = 200, 50
+  assert jax.tree.structure(diffusion.make_optimizer(train_config).init(params)) == jax.tree.structure(constant)
+  train_config.warmup_steps, train_config.cooldown_steps = 0, 0  # the bare rate, as before the cooldown
+  assert jax.tree.structure(diffusion.make_optimizer(train_config).init(params)) == jax.tree.structure(
+      optax.adamw(1e-3).init(params))
 
 
 def make_step(config, make_random_params, seed=0):
@@ -302,6 +337,16 @@ def test_image_guidance_brings_samples_closer_to_what_the_input_shows(task, make
   unguided, guided = rms_error(0.0), rms_error(20.0)
   assert guided < 0.8 * unguided, (guided, unguided)
   assert diffusion.sampler_tag(config).endswith('_ig20')
+
+
+def test_sampler_tag_names_steps_spacing_eta_and_guidance():
+  config = micro_config()
+  config.sample.num_steps = 5
+  assert diffusion.sampler_tag(config) == 'ddim5_eta0'
+  config.sample.spacing, config.sample.guidance_scale = 'trailing', 3.0
+  assert diffusion.sampler_tag(config) == 'ddim5_trailing_eta0_cfg3'
+  config.sample.sampler, config.sample.spacing = 'plms', 'uniform'
+  assert diffusion.sampler_tag(config) == 'plms5_cfg3'
 
 
 def test_each_sampler_draws_distinct_deterministic_latents(make_random_params):
