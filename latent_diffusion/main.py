@@ -64,6 +64,14 @@ def check_config(config) -> None:
   if not 0 < config.sample.num_steps <= most_steps:
     raise ConfigError(f'sample.num_steps: must be in [1, {most_steps}] for sample.sampler='
                       f'{config.sample.sampler!r}, got {config.sample.num_steps}')
+  if config.sample.sampler != 'ddpm':
+    from latent_diffusion.diffusion import samplers  # pylint: disable=g-import-not-at-top
+    timesteps = samplers.dpm_solver_timesteps if config.sample.sampler == 'dpm_solver' else samplers.sampling_timesteps
+    try:  # e.g. the paper's 'uniform' spacing of 3 of 1000 steps visits 1, 334, 667 and 1000
+      timesteps(config.diffusion.timesteps, config.sample.num_steps, config.sample.spacing)
+    except ValueError as e:
+      raise ConfigError(f'sample.num_steps: {config.sample.num_steps} steps of {config.diffusion.timesteps} with '
+                        f'sample.spacing={config.sample.spacing!r} do not fit: {e}') from e
   if config.sample.keep_known_latents and (config.cond_stage.key != 'masked_image'
                                             or not config.diffusion.conditioning_key
                                             or config.sample.sampler != 'ddim'):

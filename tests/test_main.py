@@ -148,6 +148,13 @@ def test_ddpm_may_walk_the_whole_chain_but_ddim_may_not():
     main.check_config(config_with(sample__sampler='ddim', sample__num_steps=1000))
 
 
+def test_a_step_count_the_uniform_spacing_cannot_place_is_a_config_error():
+  main.check_config(config_with(sample__num_steps=4))
+  main.check_config(config_with(sample__num_steps=3, sample__spacing='trailing'))
+  with pytest.raises(ConfigError, match=r"sample.num_steps: 3 steps of 1000 with sample.spacing='uniform'.*1000\]"):
+    main.check_config(config_with(sample__num_steps=3))
+
+
 @pytest.mark.parametrize('fields, name', [
     (dict(mode='bogus'), 'mode'),
     (dict(autoencoder_train__batch_size=0), 'autoencoder_train.batch_size'),
