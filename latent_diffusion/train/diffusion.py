@@ -121,11 +121,12 @@ def learning_rate_schedule(train_config) -> optax.ScalarOrSchedule:
   """LambdaLinearScheduler's warm-up from 1e-6 x lr, then the constant rate (the paper's), then, with
   `cooldown_steps`, a linear decay to 0 over the last cooldown_steps of num_steps (warmup-stable-decay).
 
-  The decay is placed by num_steps alone, so a run trained at the constant rate can be resumed with a
-  larger num_steps and a cooldown to anneal it. The schedule counts optimizer updates: warmup_steps are
-  updates (as the paper's scheduler), num_steps and cooldown_steps are batches, divided here by
-  accumulate_grad_batches. Without warm-up or cooldown it is the bare rate (the optimizer state then has
-  no schedule count, as checkpoints written before the cooldown existed).
+  The decay is placed by num_steps alone, so a run trained at the constant rate after a warm-up can be
+  resumed with a larger num_steps and a cooldown to anneal it. Without warm-up or cooldown the rate is a
+  bare float, as in checkpoints written before the cooldown existed: that optimizer state has no schedule
+  count, so such a run cannot take a cooldown later. The schedule counts optimizer updates: warmup_steps
+  are updates (as the paper's scheduler), num_steps and cooldown_steps are batches, divided here by
+  accumulate_grad_batches.
   """
   peak, warmup, cooldown = train_config.learning_rate, train_config.warmup_steps, train_config.cooldown_steps
   if not 0 <= cooldown <= train_config.num_steps:

@@ -69,8 +69,7 @@ def test_learning_rate_warms_up_holds_then_cools_down_to_zero_at_num_steps():
   train_config.cooldown_steps = 40
   rate = diffusion.learning_rate_schedule(train_config)
   np.testing.assert_allclose([rate(5), rate(60), rate(70), rate(80), rate(100)],
-                             [rate(5), 1e-3, 0.75e-3, 0.5e-3, 0.0], rtol=1e-5, atol=1e-12)
-  assert rate(5) < 1e-3
+                             [1e-9 + 0.5 * (1e-3 - 1e-9), 1e-3, 0.75e-3, 0.5e-3, 0.0], rtol=1e-5, atol=1e-12)
   train_config.accumulate_grad_batches = 2  # the schedule counts updates: 2 batches each
   np.testing.assert_allclose([float(diffusion.learning_rate_schedule(train_config)(count)) for count in (30, 40)],
                              [1e-3, 0.5e-3], rtol=1e-5)
@@ -83,16 +82,20 @@ def test_cooldown_longer_than_the_run_is_a_config_error():
     diffusion.make_optimizer(train_config)
 
 
-def test_a_run_at_the_constant_rate_resumes_into_a_cooldown_with_the_same_optimizer_state():
+def test_a_warmed_up_constant_rate_run_resumes_into_a_cooldown_with_the_same_optimizer_state():
   train_config = base.get_config().diffusion_train
   train_config.warmup_steps, train_config.num_steps = 10, 100
   params = {'w': jnp.ones((3,))}
-  constant = diffusion.make_optimizer(train_config).init(params)
+  structure = lambda: jax.tree.structure(diffusion.make_optimizer(train_config).init(params))
+  constant = structure()
   train_config.num_steps, train_config.cooldown_steps = 200, 50
-  assert jax.tree.structure(diffusion.make_optimizer(train_config).init(params)) == jax.tree.structure(constant)
-  train_config.warmup_steps, train_config.cooldown_steps = 0, 0  # the bare rate, as before the cooldown
-  assert jax.tree.structure(diffusion.make_optimizer(train_config).init(params)) == jax.tree.structure(
-      optax.adamw(1e-3).init(params))
+  assert structure() == constant
+  # Without a warm-up the constant rate is the bare float, as before the cooldown existed: its state
+  # has no schedule count, so such a run cannot take a cooldown later (README, Stage 2).
+  train_config.warmup_steps, train_config.cooldown_steps = 0, 0
+  assert structure() == jax.tree.structure(optax.adamw(1e-3).init(params))
+  train_config.cooldown_steps = 50
+  assert structure() != jax.tree.structure(optax.adamw(1e-3).init(params))
 
 
 def make_step(config, make_random_params, seed=0):
