@@ -106,11 +106,30 @@ def _disc_apply(discriminator):
   return apply
 
 
-def _forward(model, kind, images, rng, deterministic):
-  """model_params -> ((reconstructions, reg), (conv_out input, conv_out kernel shape, aux))."""
+# The parameters that define the latent space: frozen by autoencoder_train.train_decoder_only.
+ENCODER_SIDE = ('encoder', 'quant_conv', 'quantize')
+
+
+def keep_encoder_side(new_params: dict, old_params: dict) -> dict:
+  """Autoencoder params with the ENCODER_SIDE subtrees of `old_params` and the rest of `new_params`.
+
+  Zero gradients would not freeze them: Adam's momentum from earlier steps still moves them. Zeroing
+  the updates inside the optimizer (relabelling them in the multi_transform) would change the
+  optimizer state's structure, and a full run's checkpoint could no longer resume into a decoder-only
+  fine-tune.
+  """
+  return {name: old_params[name] if name in ENCODER_SIDE else value for name, value in new_params.items()}
+
+
+def _forward(model, kind, images, rng, deterministic, decoder_only=False):
+  """model_params -> ((reconstructions, reg), (conv_out input, conv_out kernel shape, aux)).
+  decoder_only: no gradient flows into ENCODER_SIDE (XLA then drops their backward)."""
   posterior_rng, dropout_rng, quantize_rng = jax.random.split(rng, 3)
 
   def forward(model_params):
+    if decoder_only:
+      model_params = {name: jax.lax.stop_gradient(value) if name in ENCODER_SIDE else value
+                      for name, value in model_params.items()}
     outputs, variables = model.apply(
         {'params': model_params}, images, rng=posterior_rng if kind == 'kl' else None,
         deterministic=deterministic, rngs={'dropout': dropout_rng, 'quantize': quantize_rng},
@@ -130,8 +149,9 @@ def train_step(state: TrainState, batch: dict, lpips_params=None, *, model, disc
   """One update of the autoencoder and the discriminator on batch['image']. Pure: randomness from
   fold_in(rng, step). lpips_params: the frozen LPIPS weights (None without a perceptual loss)."""
   images, kind = batch['image'], config.autoencoder.kind
+  decoder_only = config.autoencoder_train.train_decoder_only
   grads, disc_state, loss, metrics, reconstructions, aux = autoencoder_loss.generator_and_discriminator_grads(
-      forward=_forward(model, kind, images, state.step_rng(), deterministic),
+      forward=_forward(model, kind, images, state.step_rng(), deterministic, decoder_only),
       model_params=state.params['autoencoder'], logvar=state.params['logvar'],
       disc_params=state.params['discriminator'], disc_state=state.extras['discriminator_state'],
       images=images, step=state.step, kind=kind, loss_config=config.autoencoder_loss,
@@ -139,6 +159,10 @@ def train_step(state: TrainState, batch: dict, lpips_params=None, *, model, disc
       disc_apply=_disc_apply(discriminator),
       use_gan=config.autoencoder_loss.disc_start < config.autoencoder_train.num_steps)
   new_state, skipped = state.apply_gradients_if_finite(grads, tx, loss)
+  if decoder_only:
+    new_state = new_state.replace(params={
+        **new_state.params,
+        'autoencoder': keep_encoder_side(new_state.params['autoencoder'], state.params['autoencoder'])})
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skipped, b, a), new, old)
   new_state = new_state.replace(extras={
       **new_state.extras,
@@ -240,8 +264,11 @@ def train(config, workdir) -> TrainState:
     raise ConfigError("autoencoder.kind='identity' has no first stage to train (train_diffusion diffuses "
                       'the pixels)')
   directory = common.stage_dir(workdir, STAGE)
-  loop.write_config(directory, config)
   train_config = config.autoencoder_train
+  if train_config.train_decoder_only and common.latest_step(workdir, STAGE) is None:
+    raise ConfigError(f'autoencoder_train.train_decoder_only: no stage-1 checkpoint in {directory} to '
+                      'fine-tune; its encoder would stay random (train stage 1 first, without it)')
+  loop.write_config(directory, config)
   mesh = sharding.make_mesh(config.mesh)
   model, discriminator = build_autoencoder(config), build_discriminator(config)
   lpips_fn, lpips_params = make_perceptual(config)

@@ -241,6 +241,40 @@ def test_accumulating_two_steps_applies_one_update_of_the_averaged_gradients(mak
   assert int(second.step) == 2
 
 
+def test_train_decoder_only_keeps_the_latent_space_exactly_after_full_steps_built_momentum(make_random_params):
+  """A full step first, so that Adam holds momentum for the encoder (zero gradients alone would still
+  move it); then decoder-only steps leave encoder and quant_conv bit-identical and train the rest."""
+  config = tiny_config('kl')
+  with config.unlocked():
+    config.autoencoder_loss.disc_start = 1000
+  model, discriminator, tx, state = fresh_state(config, make_random_params)
+  full_step = compiled_step(config, model, discriminator, tx)
+  decoder_only = config.copy_and_resolve_references()
+  with decoder_only.unlocked():
+    decoder_only.autoencoder_train.train_decoder_only = True
+  decoder_step = compiled_step(decoder_only, model, discriminator, tx)
+  warmed, _ = full_step(state, {'image': images(seed=1, batch=2)})
+  assert not np.array_equal(warmed.params['autoencoder']['encoder']['conv_in']['kernel'],
+                            state.params['autoencoder']['encoder']['conv_in']['kernel'])
+  tuned = warmed
+  for seed in (2, 3):
+    tuned, metrics = decoder_step(tuned, {'image': images(seed=seed, batch=2)})
+  assert float(metrics['nonfinite']) == 0.0
+  before, after = warmed.params['autoencoder'], tuned.params['autoencoder']
+  for name in ('encoder', 'quant_conv'):
+    jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
+  assert not np.array_equal(after['decoder']['conv_out']['kernel'], before['decoder']['conv_out']['kernel'])
+  assert not np.array_equal(after['post_quant_conv']['kernel'], before['post_quant_conv']['kernel'])
+
+
+def test_encoder_side_names_every_parameter_that_shapes_the_latents_of_both_kinds():
+  for kind in ('kl', 'vq'):
+    config = tiny_config(kind)
+    model = stage1.build_autoencoder(config)
+    names = set(jax.eval_shape(lambda: stage1.init_params(model, config, jax.random.PRNGKey(0))))
+    assert names - set(stage1.ENCODER_SIDE) == {'post_quant_conv', 'decoder'}, (kind, names)
+
+
 def test_actnorm_discriminator_initialises_from_real_images_and_keeps_no_running_statistics():
   config = tiny_config('kl')
   with config.unlocked():
@@ -275,3 +309,14 @@ def test_identity_first_stage_diffuses_pixels_and_has_nothing_to_train_or_load(t
   assert stage1.is_complete(config, tmp_path)
   with pytest.raises(ConfigError, match="kind='identity' has no first stage to train"):
     stage1.train(config, tmp_path)
+
+
+def test_train_decoder_only_without_a_stage1_checkpoint_is_one_config_error_that_writes_nothing(tmp_path):
+  from latent_diffusion.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from tests import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config.get_config()
+  with config.unlocked():
+    config.autoencoder_train.train_decoder_only = True
+  with pytest.raises(ConfigError, match='train_decoder_only: no stage-1 checkpoint in .*encoder would stay random'):
+    stage1.train(config, tmp_path)
+  assert not (tmp_path / 'autoencoder' / 'config.json').exists()
