@@ -98,12 +98,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.autoencoder_train.adam_b1 = 0.5
   config.autoencoder_train.adam_b2 = 0.9
   config.autoencoder_train.warmup_steps = 0      # linear warm-up from 0
-  config.autoencoder_train.checkpoint_every_steps = 5000
-  config.autoencoder_train.accumulate_grad_batches = 1  # optimizer update every k steps (optax.MultiSteps)
-  config.autoencoder_train.keep_checkpoints = 3  # how many recent checkpoints to keep
   # Train post_quant_conv and the decoder only: the encoder, quant_conv and codebook keep their values, so the
   # latents (and a stage-2 model trained on them) stay valid; Stable Diffusion's ft-MSE decoder was made so.
   config.autoencoder_train.train_decoder_only = False
+  config.autoencoder_train.checkpoint_every_steps = 5000
+  config.autoencoder_train.accumulate_grad_batches = 1  # optimizer update every k steps (optax.MultiSteps)
+  config.autoencoder_train.keep_checkpoints = 3  # how many recent checkpoints to keep
   config.autoencoder_train.keep_period = 0  # also keep every checkpoint whose step is a multiple (0 = none)
   config.autoencoder_train.sample_every_steps = 5000  # write a reconstruction grid
   config.autoencoder_train.num_sample_images = 8

@@ -110,26 +110,26 @@ def _disc_apply(discriminator):
 ENCODER_SIDE = ('encoder', 'quant_conv', 'quantize')
 
 
-def keep_encoder_side(new_params: dict, old_params: dict) -> dict:
-  """Autoencoder params with the ENCODER_SIDE subtrees of `old_params` and the rest of `new_params`.
+def with_encoder_side(params: dict, source: dict) -> dict:
+  """Autoencoder `params` with their ENCODER_SIDE subtrees taken from `source`.
 
-  Zero gradients would not freeze them: Adam's momentum from earlier steps still moves them. Zeroing
-  the updates inside the optimizer (relabelling them in the multi_transform) would change the
-  optimizer state's structure, and a full run's checkpoint could no longer resume into a decoder-only
-  fine-tune.
+  train_decoder_only uses it twice: on a stop_gradient copy in the forward pass (XLA then drops the
+  encoder's backward), and after the update to put back the old values. Zero gradients alone would
+  not freeze them: Adam's momentum from earlier steps still moves them. Zeroing the updates inside the
+  optimizer (relabelling them in the multi_transform) would change the optimizer state's structure,
+  and a full run's checkpoint could no longer resume into a decoder-only fine-tune.
   """
-  return {name: old_params[name] if name in ENCODER_SIDE else value for name, value in new_params.items()}
+  return {name: source[name] if name in ENCODER_SIDE else value for name, value in params.items()}
 
 
 def _forward(model, kind, images, rng, deterministic, decoder_only=False):
   """model_params -> ((reconstructions, reg), (conv_out input, conv_out kernel shape, aux)).
-  decoder_only: no gradient flows into ENCODER_SIDE (XLA then drops their backward)."""
+  decoder_only: no gradient flows into ENCODER_SIDE."""
   posterior_rng, dropout_rng, quantize_rng = jax.random.split(rng, 3)
 
   def forward(model_params):
     if decoder_only:
-      model_params = {name: jax.lax.stop_gradient(value) if name in ENCODER_SIDE else value
-                      for name, value in model_params.items()}
+      model_params = with_encoder_side(model_params, jax.lax.stop_gradient(model_params))
     outputs, variables = model.apply(
         {'params': model_params}, images, rng=posterior_rng if kind == 'kl' else None,
         deterministic=deterministic, rngs={'dropout': dropout_rng, 'quantize': quantize_rng},
@@ -162,7 +162,7 @@ def train_step(state: TrainState, batch: dict, lpips_params=None, *, model, disc
   if decoder_only:
     new_state = new_state.replace(params={
         **new_state.params,
-        'autoencoder': keep_encoder_side(new_state.params['autoencoder'], state.params['autoencoder'])})
+        'autoencoder': with_encoder_side(new_state.params['autoencoder'], state.params['autoencoder'])})
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(skipped, b, a), new, old)
   new_state = new_state.replace(extras={
       **new_state.extras,
